@@ -1,0 +1,290 @@
+"""Every hyperparameter of a run, in one typed schema.
+
+A run is one YAML file. `load_config(path, overrides)` reads it, applies `a.b=value`
+overrides, and checks every key, type and value against the dataclasses below: a mistake stops
+with one line that names the key and what is allowed. Field names follow TRL where TRL has one
+(learning_rate, num_generations, num_iterations, loss_type, scale_rewards, temperature ...).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Union
+
+import yaml
+
+STAGES = ("pretrain", "sft", "rm", "grpo", "ppo")
+
+
+class ConfigError(ValueError):
+    """A bad key, type or value in a config; its message is one line."""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class ModelConfig:
+    # "tiny" = the embedded default, built from scratch by the pretrain stage;
+    # otherwise a local Hugging Face directory or a known alias such as "smollm2".
+    name_or_path: str = "tiny"
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    vocab_size: int = 1024
+    max_position_embeddings: int = 512
+
+
+@dataclass
+class TaskConfig:
+    name: str = "calc"  # a registered task, or "module:Class"
+    args: dict = field(default_factory=dict)
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 600
+    batch_size: int = 32
+    seq_len: int = 256
+    n_docs: int = 60000
+    learning_rate: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    max_grad_norm: float = 1.0
+    log_every: int = 10
+    eval_every: int = 100
+    save_every: int = 200
+
+
+@dataclass
+class SFTConfig:
+    n_examples: int = 200
+    data: str | None = None  # optional JSONL of {"messages": [...]} or {"prompt", "completion"}
+    epochs: int = 3
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    log_every: int = 5
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig(enabled=True))
+
+
+@dataclass
+class RewardConfig:
+    correct: float = 1.0  # sparse: +1 for a correct final answer
+    tool_success: float = 0.1  # dense: per successful tool call ...
+    tool_success_cap: float = 0.2  # ... capped per episode
+    format_penalty: float = -0.2  # no parsable <answer> at the end of the episode
+    functions: list[dict] = field(default_factory=list)  # [{"name": "module:fn", "weight": 1.0}]
+
+
+@dataclass
+class GRPOConfig:
+    steps: int = 60
+    prompts_per_step: int = 16
+    num_generations: int = 8
+    max_new_tokens: int = 64  # per assistant turn
+    max_turns: int = 3
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    learning_rate: float = 1e-4
+    kl_coef: float = 0.04
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    num_iterations: int = 1  # mu: optimisation epochs over each batch of rollouts
+    minibatch_size: int = 64  # trajectories per optimiser step
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "grpo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    credit: Literal["trajectory", "turn"] = "trajectory"
+    gamma: float = 1.0
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+    log_every: int = 1
+    save_every: int = 20
+    n_samples_logged: int = 4
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    limit: int = 300
+    batch_size: int = 128
+    max_new_tokens: int = 64
+    max_turns: int = 3
+
+
+@dataclass
+class DoctorConfig:
+    enabled: bool = True
+    auto_fix: bool = False
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+    stages: list[str] = field(default_factory=lambda: ["pretrain", "sft", "grpo"])
+    eval_after: list[str] = field(default_factory=lambda: ["pretrain", "sft", "grpo"])
+    threads: int = 0  # torch threads; 0 = all cores
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    doctor: DoctorConfig = field(default_factory=DoctorConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(value, tp, key: str):
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not allowed (allowed: {', '.join(map(repr, args))})")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp in (int, str) and isinstance(value, tp) and not isinstance(value, bool):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls, data, prefix: str = ""):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in hints:
+            raise ConfigError(f"unknown key '{full}' (allowed: {', '.join(names)})")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Checks that span fields: values that parse but make no sense."""
+    bad = [s for s in cfg.stages if s not in STAGES]
+    if bad:
+        raise ConfigError(f"stages: unknown stage '{bad[0]}' (allowed: {', '.join(STAGES)})")
+    bad = [s for s in cfg.eval_after if s not in STAGES]
+    if bad:
+        raise ConfigError(f"eval_after: unknown stage '{bad[0]}' (allowed: {', '.join(STAGES)})")
+    g = cfg.grpo
+    positive = {"grpo.steps": g.steps, "grpo.prompts_per_step": g.prompts_per_step,
+                "grpo.max_new_tokens": g.max_new_tokens, "grpo.max_turns": g.max_turns,
+                "grpo.num_iterations": g.num_iterations, "grpo.minibatch_size": g.minibatch_size,
+                "pretrain.steps": cfg.pretrain.steps, "pretrain.batch_size": cfg.pretrain.batch_size,
+                "sft.batch_size": cfg.sft.batch_size, "eval.batch_size": cfg.eval.batch_size}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if g.num_generations < 2:
+        raise ConfigError(f"grpo.num_generations: must be >= 2 (GRPO compares answers in a group), got {g.num_generations}")
+    if g.temperature <= 0:
+        raise ConfigError(f"grpo.temperature: must be > 0, got {g.temperature}")
+    if not 0 < g.top_p <= 1:
+        raise ConfigError(f"grpo.top_p: must be in (0, 1], got {g.top_p}")
+    if not 0 <= g.gamma <= 1:
+        raise ConfigError(f"grpo.gamma: must be in [0, 1], got {g.gamma}")
+    for key, lr in {"pretrain": cfg.pretrain.learning_rate, "sft": cfg.sft.learning_rate,
+                    "grpo": g.learning_rate}.items():
+        if not lr > 0:
+            raise ConfigError(f"{key}.learning_rate: must be > 0, got {lr}")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key=value, e.g. grpo.learning_rate=5e-5")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read YAML, apply `a.b=value` overrides, build and check the typed config."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}': '{k}' is not a section")
+        node[keys[-1]] = value
+    return validate(_build(RunConfig, data))
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,77 @@
+"""The agent's world: a multi-turn episode with tools and per-step rewards.
+
+    s_0 = prompt                     reset(problem)
+    a_t = one assistant turn (text)  step(text) -> tool messages o_{t+1}, reward r_t, done
+
+A turn with tool calls runs them and returns their results as `tool` messages; the episode
+ends on an answer, on a turn with no tool call, or after `max_turns`. Rewards per turn:
+    + correct            on the turn that gives the right <answer> (sparse)
+    + tool_success       per tool call that ran without error, at most tool_success_cap in all (dense)
+    + format_penalty     on the last turn when the episode ends with no parsable <answer>
+Malformed calls and tools that fail come back to the model as "Error: ..." tool messages: the
+episode goes on and the model can recover, as it would in deployment.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from steprl.config import RewardConfig
+from steprl.tasks.base import Problem, Task, extract_answer
+from steprl.tools import execute_tool_call, parse_tool_calls
+
+
+@dataclass
+class StepResult:
+    observation: list[dict]  # tool messages to append (empty when done)
+    reward: float
+    done: bool
+    info: dict = field(default_factory=dict)
+
+
+class ToolEnv:
+    def __init__(self, task: Task, tools: dict, reward: RewardConfig, max_turns: int,
+                 system_suffix: str = ""):
+        self.task, self.tools, self.reward_cfg, self.max_turns = task, tools, reward, max_turns
+        self.system_suffix = system_suffix  # tool descriptions for models not trained on them
+
+    def reset(self, problem: Problem) -> list[dict]:
+        self.problem = problem
+        self.turn = 0
+        self.tool_reward_given = 0.0
+        self.n_calls = self.n_failures = 0
+        self.answer: str | None = None
+        self.correct = False
+        messages = self.task.prompt_messages(problem)
+        if self.system_suffix:
+            if messages and messages[0]["role"] == "system":
+                messages[0] = {"role": "system", "content": messages[0]["content"] + self.system_suffix}
+            else:
+                messages.insert(0, {"role": "system", "content": self.system_suffix.strip()})
+        return messages
+
+    def step(self, text: str) -> StepResult:
+        cfg = self.reward_cfg
+        self.turn += 1
+        reward = 0.0
+        answer = extract_answer(text)
+        calls = parse_tool_calls(text) if answer is None else []
+        if answer is not None:
+            self.answer = answer
+            self.correct = self.task.check(self.problem, text)
+            reward += cfg.correct if self.correct else 0.0
+            return StepResult([], reward, True, {"answered": True})
+        if not calls:
+            return StepResult([], reward + cfg.format_penalty, True, {"answered": False})
+        observation = []
+        for call in calls:
+            result, ok = execute_tool_call(call, self.tools)
+            self.n_calls += 1
+            self.n_failures += not ok
+            if ok and self.tool_reward_given < cfg.tool_success_cap:
+                bonus = min(cfg.tool_success, cfg.tool_success_cap - self.tool_reward_given)
+                self.tool_reward_given += bonus
+                reward += bonus
+            observation.append({"role": "tool", "content": result})
+        if self.turn >= self.max_turns:
+            return StepResult([], reward + cfg.format_penalty, True, {"answered": False, "out_of_turns": True})
+        return StepResult(observation, reward, False, {})

@@ -1,0 +1,257 @@
+"""Stage 3, GRPO on multi-turn tool episodes. One step, top to bottom:
+
+ 1. rollout   sample G episodes for each of P prompts (turns batched, tools run between turns);
+              keep each sampled token's log-prob: it is the "old" log-prob, no extra pass needed.
+ 2. rewards   per-turn rewards r_t from the environment (correct answer, tool success, format);
+              credit "trajectory": R = sum_t gamma^t r_t for every token of the episode;
+              credit "turn": G_t = sum_{k>=t} gamma^(k-t) r_k for the tokens of turn t.
+ 3. advantage A = (R - mean_group) / (std_group + 1e-4)   (scale_rewards: group | batch | none)
+ 4. loss      per trained token: -min(rho A, clip(rho, 1-eps, 1+eps_high) A) + kl_coef * KL_k3(pi || pi_ref),
+              rho = exp(logp - old_logp); aggregated per sequence ("grpo"), per token ("dapo")
+              or by a constant ("dr_grpo"); observation tokens (mask 0) never count.
+ 5. update    num_iterations passes over the batch in minibatches, gradient clipping.
+
+Under LoRA the reference policy is the same network with its adapters disabled: no second copy.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import random
+
+import torch
+
+from steprl.algos import (aggregate_loss, clipped_surrogate, entropy_from_logits, group_advantages,
+                          kl_penalty, token_logprobs, trajectory_returns, turn_level_group_advantages)
+from steprl.config import RunConfig
+from steprl.models.loading import apply_lora, is_peft, load_policy, resolve, save_checkpoint
+from steprl.monitor import MetricsLogger
+from steprl.recipes.common import (Timer, cosine_lr, load_state, mark_done, progress_bar, save_state,
+                                   set_lr, setup_torch, stage_dir)
+from steprl.recipes.evaluate import make_envs, tool_setup
+from steprl.recipes.sft import previous_checkpoint
+from steprl.rollout.episodes import Trajectory, run_episodes
+from steprl.rollout.sampling import SamplingParams, left_pad
+from steprl.tasks import get_task
+
+
+# ---------------------------------------------------------------------------- batching
+
+def right_aligned(rows: list[list], width: int, fill=0, dtype=torch.float32) -> torch.Tensor:
+    """Rows placed at the right edge of a [len(rows), width] tensor (completions end together)."""
+    out = torch.full((len(rows), width), fill, dtype=dtype)
+    for i, r in enumerate(rows):
+        if r:
+            out[i, width - len(r):] = torch.tensor(r, dtype=dtype)
+    return out
+
+
+def completion_logprobs(model, trajs: list[Trajectory], with_entropy: bool = False):
+    """Log-probs of every completion token, [B, K] right-aligned, K = longest completion.
+
+    Sequences are left-padded so that all completions end at the last column; the LM head only
+    runs on the last K+1 positions (`logits_to_keep`), not on the prompts.
+    """
+    width = max(len(t.ids) for t in trajs)
+    ids, attn, pos = left_pad([t.prompt_ids + t.ids for t in trajs], pad_id=0)
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=width + 1).logits
+    logits = logits[:, :-1].float()
+    targets = right_aligned([t.ids for t in trajs], width, dtype=torch.long)
+    logp = token_logprobs(logits, targets)
+    entropy = entropy_from_logits(logits.detach()) if with_entropy else None
+    return logp, entropy
+
+
+def token_advantages(trajs: list[Trajectory], g, width: int) -> torch.Tensor:
+    """Advantage of every completion token, [B, K] right-aligned (0 on observation tokens)."""
+    turn_rewards = [t.turn_rewards for t in trajs]
+    if g.credit == "trajectory":
+        returns = torch.tensor(trajectory_returns(turn_rewards, g.gamma))
+        adv = group_advantages(returns, g.num_generations, g.scale_rewards).tolist()
+        rows = [[a if m else 0.0 for m in t.mask] for a, t in zip(adv, trajs)]
+    else:
+        per_turn = turn_level_group_advantages(turn_rewards, g.num_generations, g.gamma, g.scale_rewards)
+        rows = [[per_turn[i][k] if k >= 0 else 0.0 for k in t.turn_index] for i, t in enumerate(trajs)]
+    return right_aligned(rows, width)
+
+
+def sample_record(tokenizer, t: Trajectory, step: int) -> dict:
+    """One trajectory for samples.jsonl: text segments with their trained flag."""
+    segments = [{"text": tokenizer.decode(t.prompt_ids), "trained": False, "role": "prompt"}]
+    start = 0
+    for i in range(1, len(t.ids) + 1):
+        if i == len(t.ids) or t.mask[i] != t.mask[start]:
+            trained = bool(t.mask[start])
+            segments.append({"text": tokenizer.decode(t.ids[start:i]), "trained": trained,
+                             "role": "assistant" if trained else "tool"})
+            start = i
+    return {"step": step, "prompt": t.problem.question, "answer": t.problem.answer, "reward": t.reward,
+            "turn_rewards": t.turn_rewards, "correct": t.correct, "segments": segments}
+
+
+# ---------------------------------------------------------------------------- the stage
+
+def run(cfg: RunConfig) -> dict:
+    setup_torch(cfg)
+    g, out = cfg.grpo, stage_dir(cfg, "grpo")
+    ckpt = out / "checkpoint"
+    base = resolve(previous_checkpoint(cfg, "grpo"))
+    model, tokenizer = load_policy(base)
+    ref_model = None
+    if g.lora.enabled:
+        model = apply_lora(model, g.lora)
+    elif g.kl_coef > 0:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    state = load_state(ckpt) if ckpt.is_dir() else None
+    if state:
+        load_weights(model, ckpt)
+
+    task = get_task(cfg.task.name, **cfg.task.args)
+    tools, renderer, suffix = tool_setup(task, tokenizer)
+    problems = task.problems("train", max(g.steps * g.prompts_per_step, 1000), seed=cfg.seed)
+    params = [q for q in model.parameters() if q.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=g.learning_rate, weight_decay=0.0)
+    kl_coef, lr_peak, start = g.kl_coef, g.learning_rate, 0
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        start, kl_coef, lr_peak = state["step"], state["extra"]["kl_coef"], state["extra"]["lr_peak"]
+    context = {"learning_rate": lr_peak, "kl_coef": kl_coef, "num_generations": g.num_generations,
+               "per_device_batch_size": g.minibatch_size, "max_new_tokens": g.max_new_tokens}
+    logger = MetricsLogger(out, "grpo", report_to=cfg.report_to, doctor_context=context,
+                           live_doctor=cfg.doctor.enabled)
+    if start:
+        logger.truncate_after(start)
+    sampling = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature,
+                              top_p=g.top_p, top_k=g.top_k)
+    generator = torch.Generator().manual_seed(cfg.seed + start)
+    rng = random.Random(cfg.seed)
+    bar = progress_bar(g.steps, f"grpo ({'LoRA' if g.lora.enabled else 'full'}, "
+                                f"{g.prompts_per_step}x{g.num_generations} episodes/step)", initial=start)
+    samples_file = open(out / "samples.jsonl", "a")
+    for step in range(start, g.steps):
+        timer = Timer()
+        lr = lr_peak * cosine_lr(step, g.steps, g.warmup_steps, min_ratio=1.0)
+        set_lr(optimizer, lr)
+
+        # 1. rollout: G episodes per prompt, consecutive blocks share a prompt
+        first = (step * g.prompts_per_step) % len(problems)
+        batch = [problems[(first + i) % len(problems)] for i in range(g.prompts_per_step)]
+        episodes = [p for p in batch for _ in range(g.num_generations)]
+        envs = make_envs(task, tools, g.reward, g.max_turns, len(episodes), suffix)
+        model.eval()
+        trajs = run_episodes(model, tokenizer, envs, episodes, sampling, renderer, generator)
+        rollout_seconds = timer.seconds
+
+        # 2-3. rewards -> advantages (per token)
+        rewards = torch.tensor([t.reward for t in trajs])
+        width = max(len(t.ids) for t in trajs)
+        advantages = token_advantages(trajs, g, width)
+        old_logp = right_aligned([t.logps for t in trajs], width)
+        mask = right_aligned([t.mask for t in trajs], width)
+        ref_logp = None
+        if kl_coef > 0:
+            with torch.no_grad():
+                if is_peft(model):
+                    with model.disable_adapter():
+                        ref_logp = batched_logprobs(model, trajs, g.minibatch_size)
+                else:
+                    ref_logp = batched_logprobs(ref_model, trajs, g.minibatch_size)
+
+        # 4-5. clipped policy-gradient updates
+        model.train()
+        stats = {"loss": [], "kl": [], "entropy": [], "clip_ratio": [], "grad_norm": []}
+        for _ in range(g.num_iterations):
+            order = list(range(len(trajs)))
+            rng.shuffle(order)
+            for lo in range(0, len(order), g.minibatch_size):
+                idx = order[lo:lo + g.minibatch_size]
+                mb = [trajs[i] for i in idx]
+                mb_width = max(len(t.ids) for t in mb)
+                cols = slice(width - mb_width, width)
+                logp, entropy = completion_logprobs(model, mb, with_entropy=True)
+                m, a, old = mask[idx, cols], advantages[idx, cols], old_logp[idx, cols]
+                per_token = clipped_surrogate(logp, old, a, g.epsilon, clip_eps_high=g.epsilon_high)
+                kl = torch.zeros_like(logp)
+                if ref_logp is not None:
+                    kl = kl_penalty(logp, ref_logp[idx, cols], g.kl_estimator)
+                    per_token = per_token + kl_coef * kl
+                loss = aggregate_loss(per_token, m, g.loss_type, max_len=g.max_new_tokens * g.max_turns)
+                optimizer.zero_grad(set_to_none=True)
+                if not torch.isfinite(loss):
+                    stats["loss"].append(float("nan"))
+                    continue  # a NaN batch is skipped, never applied
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, g.max_grad_norm)
+                optimizer.step()
+                n_tok = m.sum().clamp(min=1)
+                ratio = torch.exp(logp.detach() - old)
+                eps_high = g.epsilon_high if g.epsilon_high is not None else g.epsilon
+                clipped = ((ratio < 1 - g.epsilon) & (a < 0)) | ((ratio > 1 + eps_high) & (a > 0))
+                stats["loss"].append(loss.item())
+                stats["kl"].append(float((kl.detach() * m).sum() / n_tok))
+                stats["entropy"].append(float((entropy * m).sum() / n_tok))
+                stats["clip_ratio"].append(float((clipped.float() * m).sum() / n_tok))
+                stats["grad_norm"].append(float(grad_norm))
+
+        # metrics, samples, checkpoint
+        groups = rewards.view(-1, g.num_generations)
+        n_calls = sum(t.n_tool_calls for t in trajs)
+        metrics = {
+            "reward": rewards.mean().item(),
+            "reward_std": groups.std(dim=1).mean().item(),
+            "accuracy": sum(t.correct for t in trajs) / len(trajs),
+            **{k: sum(v) / len(v) for k, v in stats.items() if v},
+            "learning_rate": lr,
+            "kl_coef": kl_coef,
+            "completions/mean_length": sum(sum(t.mask) for t in trajs) / len(trajs),
+            "completions/clipped_ratio": sum(t.truncated for t in trajs) / len(trajs),
+            "turns/mean": sum(t.n_turns for t in trajs) / len(trajs),
+            "tools/call_frequency": n_calls / len(trajs),
+            "tools/failure_frequency": sum(t.n_tool_failures for t in trajs) / max(1, n_calls),
+            "frac_reward_zero_std": (groups.std(dim=1) < 1e-6).float().mean().item(),
+            "format": sum(t.answered for t in trajs) / len(trajs),
+            "rollout_time": rollout_seconds,
+            "step_time": timer.seconds,
+        }
+        logger.log(metrics, step + 1)
+        for t in rng.sample(trajs, min(g.n_samples_logged, len(trajs))):
+            samples_file.write(json.dumps(sample_record(tokenizer, t, step + 1)) + "\n")
+        samples_file.flush()
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}",
+                        kl=f"{metrics['kl']:.3f}")
+        if g.save_every and (step + 1) % g.save_every == 0 and step + 1 < g.steps:
+            save_checkpoint(model, tokenizer, ckpt, base_path=base)
+            save_state(ckpt, step + 1, optimizer, {"kl_coef": kl_coef, "lr_peak": lr_peak})
+    bar.close()
+    samples_file.close()
+    logger.close()
+    save_checkpoint(model, tokenizer, ckpt, base_path=base)
+    (ckpt / "trainer_state.pt").unlink(missing_ok=True)
+    info = {"checkpoint": str(ckpt), "base": base, "steps": g.steps}
+    mark_done(out, info)
+    return info
+
+
+@torch.no_grad()
+def batched_logprobs(model, trajs: list[Trajectory], batch_size: int) -> torch.Tensor:
+    """Log-probs of all completions, [N, K] right-aligned with K the longest in the whole batch."""
+    width = max(len(t.ids) for t in trajs)
+    out = torch.zeros(len(trajs), width)
+    for lo in range(0, len(trajs), batch_size):
+        mb = trajs[lo:lo + batch_size]
+        logp, _ = completion_logprobs(model, mb)
+        out[lo:lo + len(mb), width - logp.shape[1]:] = logp
+    return out
+
+
+def load_weights(model, directory) -> None:
+    """Restore trained weights (adapter or full model) saved by save_checkpoint, for resuming."""
+    from safetensors.torch import load_file
+
+    if is_peft(model):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(str(directory / "adapter_model.safetensors")))
+    else:
+        model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=False)

@@ -1,0 +1,117 @@
+"""Stage 1, pretraining: next-token NLL on the task's plain-text corpus.
+
+    L = -(1/N) sum_t log P(x_t | x_<t)
+
+Documents are joined with <|endoftext|> and packed into fixed-length blocks (no padding).
+For the embedded default ("tiny") this stage also trains the tokenizer and builds the model;
+for any other model it continues pretraining from the given weights.
+"""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from steprl.config import RunConfig
+from steprl.models.loading import load_policy, save_checkpoint
+from steprl.models.tiny import render_chatml, tiny_llama, train_tokenizer
+from steprl.monitor import MetricsLogger
+from steprl.recipes.common import (Timer, cosine_lr, load_state, mark_done, progress_bar, save_state,
+                                   set_lr, setup_torch, stage_dir)
+from steprl.tasks import get_task
+
+
+def pack(token_lists: list[list[int]], sep_id: int, seq_len: int) -> torch.Tensor:
+    """Concatenate documents with a separator and cut into [n_blocks, seq_len]."""
+    flat = [t for ids in token_lists for t in (*ids, sep_id)]
+    n_blocks = len(flat) // seq_len
+    if n_blocks == 0:
+        raise ValueError(f"pretrain: corpus has {len(flat)} tokens, fewer than one block of {seq_len}")
+    return torch.tensor(flat[: n_blocks * seq_len]).view(n_blocks, seq_len)
+
+
+def build_model(cfg: RunConfig, task, docs: list[str]):
+    if cfg.model.name_or_path != "tiny":
+        return load_policy(cfg.model.name_or_path)
+    # The tokenizer sees the tool protocol too, so calls and answers become a few tokens each.
+    protocol = [render_chatml(m) for m in task.cold_start(min(500, len(docs)), seed=cfg.seed + 99)]
+    tokenizer = train_tokenizer(docs[:20000] + protocol * 4, vocab_size=cfg.model.vocab_size)
+    m = cfg.model
+    model = tiny_llama(tokenizer, hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
+                       max_position_embeddings=m.max_position_embeddings, seed=cfg.seed)
+    return model, tokenizer
+
+
+@torch.no_grad()
+def eval_loss(model, blocks: torch.Tensor, batch_size: int) -> float:
+    model.eval()
+    losses = [model(input_ids=b, labels=b).loss.item() for b in blocks.split(batch_size)]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def run(cfg: RunConfig) -> dict:
+    setup_torch(cfg)
+    p, out = cfg.pretrain, stage_dir(cfg, "pretrain")
+    ckpt = out / "checkpoint"
+    task = get_task(cfg.task.name, **cfg.task.args)
+    docs = task.pretrain_corpus(p.n_docs, seed=cfg.seed)
+    state = load_state(ckpt) if ckpt.is_dir() else None
+    model, tokenizer = load_policy(str(ckpt)) if state else build_model(cfg, task, docs)
+    sep = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    sep = sep if isinstance(sep, int) and sep != tokenizer.unk_token_id else tokenizer.eos_token_id
+    random.Random(cfg.seed).shuffle(docs)
+    n_eval = max(1, len(docs) // 50)
+    ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
+    train_blocks, eval_blocks = pack(ids[n_eval:], sep, p.seq_len), pack(ids[:n_eval], sep, p.seq_len)[:64]
+
+    model.train()
+    decay = [q for n, q in model.named_parameters() if q.dim() >= 2]
+    no_decay = [q for n, q in model.named_parameters() if q.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": p.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=p.learning_rate, betas=(0.9, 0.95))
+    start = 0
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    logger = MetricsLogger(out, "pretrain", report_to=cfg.report_to, live_doctor=cfg.doctor.enabled,
+                           doctor_context={"learning_rate": p.learning_rate})
+    if start:
+        logger.truncate_after(start)
+    n_params = sum(q.numel() for q in model.parameters())
+    bar = progress_bar(p.steps, f"pretrain ({n_params / 1e6:.2f}M params)", initial=start)
+    timer, gen = Timer(), torch.Generator().manual_seed(cfg.seed + start)
+    for step in range(start, p.steps):
+        lr = p.learning_rate * cosine_lr(step, p.steps, p.warmup_steps, p.min_lr_ratio)
+        set_lr(optimizer, lr)
+        batch = train_blocks[torch.randint(0, len(train_blocks), (p.batch_size,), generator=gen)]
+        loss = model(input_ids=batch, labels=batch).loss
+        if not torch.isfinite(loss):
+            logger.log({"loss": float("nan"), "event": "nan_skip"}, step + 1)
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), p.max_grad_norm)
+        optimizer.step()
+        bar.update(1)
+        metrics = {}
+        if (step + 1) % p.log_every == 0 or step + 1 == p.steps:
+            metrics = {"loss": loss.item(), "learning_rate": lr, "grad_norm": grad_norm.item(),
+                       "tokens_per_second": (step + 1 - start) * batch.numel() / timer.seconds}
+        if (step + 1) % p.eval_every == 0 or step + 1 == p.steps:
+            metrics["eval/loss"] = eval_loss(model, eval_blocks, p.batch_size)
+        if metrics:
+            logger.log(metrics, step + 1)
+            bar.set_postfix(loss=f"{metrics.get('loss', loss.item()):.3f}")
+        if (step + 1) % p.save_every == 0 and step + 1 < p.steps:
+            save_checkpoint(model, tokenizer, ckpt)
+            save_state(ckpt, step + 1, optimizer)
+    bar.close()
+    logger.close()
+    save_checkpoint(model, tokenizer, ckpt)
+    (ckpt / "trainer_state.pt").unlink(missing_ok=True)
+    info = {"checkpoint": str(ckpt), "params": n_params, "steps": p.steps}
+    mark_done(out, info)
+    return info

@@ -1,0 +1,135 @@
+"""Stage 2, cold-start SFT: imitate successful trajectories, loss on the assistant's tokens only.
+
+    L = -(1 / |y|) sum_{t in assistant tokens} log P(y_t | x, y_<t)
+
+Conversations are tokenised exactly as rollouts will see them (ChatRenderer.conversation_ids):
+system, user and tool messages are context (mask 0); each assistant turn and its end-of-turn
+token are trained (mask 1). LoRA through peft, or full fine-tuning.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from steprl.config import RunConfig
+from steprl.models.loading import apply_lora, load_policy, resolve, save_checkpoint
+from steprl.monitor import MetricsLogger
+from steprl.recipes.common import (Timer, cosine_lr, mark_done, progress_bar, set_lr, setup_torch,
+                                   stage_dir)
+from steprl.rollout.episodes import ChatRenderer
+from steprl.tasks import get_task
+
+
+def load_conversations(path: str) -> list[list[dict]]:
+    """JSONL of {"messages": [...]} or {"prompt": str, "completion": str}."""
+    out = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if "messages" in row:
+            out.append(row["messages"])
+        elif "prompt" in row and "completion" in row:
+            out.append([{"role": "user", "content": row["prompt"]},
+                        {"role": "assistant", "content": row["completion"]}])
+        else:
+            raise ValueError(f"{path}:{n}: expected 'messages' or 'prompt'+'completion' keys")
+    return out
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
+    """Right-padded input_ids, attention_mask and labels (-100 wherever the mask is 0)."""
+    width = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), width), pad_id)
+    labels = torch.full((len(examples), width), -100)
+    attn = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, (x, m) in enumerate(examples):
+        ids[i, : len(x)] = torch.tensor(x)
+        attn[i, : len(x)] = 1
+        labels[i, : len(x)] = torch.where(torch.tensor(m) == 1, torch.tensor(x), -100)
+    return ids, attn, labels
+
+
+def previous_checkpoint(cfg: RunConfig, stage: str) -> str:
+    """What a stage starts from: the last earlier stage of this run that trains a policy."""
+    order = [s for s in cfg.stages if s != "rm"]
+    before = order[: order.index(stage)] if stage in order else []
+    return str(cfg.run_dir / before[-1] / "checkpoint") if before else cfg.model.name_or_path
+
+
+def run(cfg: RunConfig) -> dict:
+    setup_torch(cfg)
+    s, out = cfg.sft, stage_dir(cfg, "sft")
+    base = resolve(previous_checkpoint(cfg, "sft"))
+    model, tokenizer = load_policy(base)
+    task = get_task(cfg.task.name, **cfg.task.args)
+    conversations = load_conversations(s.data) if s.data else task.cold_start(s.n_examples, seed=cfg.seed)
+    renderer = ChatRenderer(tokenizer)
+    examples = [renderer.conversation_ids(c) for c in conversations]
+    examples = [(ids[: s.max_length], m[: s.max_length]) for ids, m in examples]
+    random.Random(cfg.seed).shuffle(examples)
+    n_eval = max(1, len(examples) // 10) if len(examples) >= 20 else 0
+    eval_set, train_set = examples[:n_eval], examples[n_eval:]
+
+    if s.lora.enabled:
+        model = apply_lora(model, s.lora)
+    model.train()
+    params = [q for q in model.parameters() if q.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=s.weight_decay)
+    steps_per_epoch = (len(train_set) + s.batch_size - 1) // s.batch_size
+    total = steps_per_epoch * s.epochs
+    logger = MetricsLogger(out, "sft", report_to=cfg.report_to, live_doctor=cfg.doctor.enabled,
+                           doctor_context={"learning_rate": s.learning_rate})
+    bar = progress_bar(total, f"sft ({'LoRA r=%d' % s.lora.r if s.lora.enabled else 'full'}, "
+                              f"{len(train_set)} conversations)")
+    timer, rng, step = Timer(), random.Random(cfg.seed), 0
+    for epoch in range(s.epochs):
+        order = list(range(len(train_set)))
+        rng.shuffle(order)
+        for b in range(steps_per_epoch):
+            lr = s.learning_rate * cosine_lr(step, total, s.warmup_steps)
+            set_lr(optimizer, lr)
+            batch = [train_set[i] for i in order[b * s.batch_size:(b + 1) * s.batch_size]]
+            ids, attn, labels = collate(batch, tokenizer.pad_token_id)
+            loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+            optimizer.zero_grad(set_to_none=True)
+            if not torch.isfinite(loss):
+                logger.log({"loss": float("nan"), "event": "nan_skip"}, step + 1)
+                step += 1
+                continue
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            metrics = {}
+            if step % s.log_every == 0 or step == total:
+                metrics = {"loss": loss.item(), "learning_rate": lr, "grad_norm": grad_norm.item(),
+                           "epoch": epoch + (b + 1) / steps_per_epoch, "step_time": timer.seconds / step}
+            if eval_set and (b + 1 == steps_per_epoch):
+                metrics["eval/loss"] = eval_loss(model, eval_set, tokenizer.pad_token_id, s.batch_size)
+            if metrics:
+                logger.log(metrics, step)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    logger.close()
+    save_checkpoint(model, tokenizer, out / "checkpoint", base_path=base)
+    info = {"checkpoint": str(out / "checkpoint"), "base": base, "examples": len(train_set), "steps": total}
+    mark_done(out, info)
+    return info
+
+
+@torch.no_grad()
+def eval_loss(model, examples, pad_id: int, batch_size: int) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        ids, attn, labels = collate(examples[i:i + batch_size], pad_id)
+        n = int((labels[:, 1:] != -100).sum())
+        total += model(input_ids=ids, attention_mask=attn, labels=labels).loss.item() * n
+        count += n
+    model.train()
+    return total / max(count, 1)

@@ -1,0 +1,160 @@
+"""The embedded default task: arithmetic word problems solved with a calculator tool.
+
+Problems chain 1-3 operations (+ - * /) on integers of up to 4 digits; every intermediate
+result is a whole positive number. Each split is generated deterministically from its own
+seed, and the training splits exclude every test question, so held-out accuracy is honest.
+
+A solved episode looks like (ChatML):
+
+    user:      Mia has 12 shells. She finds 5 more. Then she splits them into 3 equal groups
+               and keeps one group. How many shells does Mia have now?
+    assistant: <tool_call>{"name": "calculator", "arguments": {"expression": "(12 + 5) / 3"}}</tool_call>
+    tool:      ...
+    assistant: <answer>...</answer>
+
+The model must copy the question's numbers into the call, pick the operators from the words
+and copy the tool's result into the answer: the calculator does the arithmetic.
+"""
+from __future__ import annotations
+
+import random
+from fractions import Fraction
+
+from steprl.tasks.base import Problem, Task
+from steprl.tools.parsing import format_tool_call
+
+NAMES = [("Sam", "He"), ("Mia", "She"), ("Leo", "He"), ("Ava", "She"), ("Omar", "He"),
+         ("Zoe", "She"), ("Ben", "He"), ("Lily", "She"), ("Noah", "He"), ("Emma", "She")]
+ITEMS = ["apples", "coins", "stamps", "books", "shells", "marbles", "cards", "pens", "stones", "beads"]
+OP_PHRASES = {
+    "+": ["{he} finds {b} more.", "{he} buys {b} more.", "{he} gets {b} more."],
+    "-": ["{he} gives away {b}.", "{he} sells {b}.", "{he} loses {b}."],
+    "*": ["{he} ends up with {b} times as many.", "The number grows {b} times."],
+    "/": ["{he} splits them into {b} equal groups and keeps one group.",
+          "{he} keeps one out of every {b}."],
+}
+OP_WORDS = {"+": "plus", "-": "minus", "*": "times", "/": "divided by"}
+MAX_VALUE = 10**7  # intermediate results stay below this so answers stay short
+SYSTEM_PROMPT = "Use the calculator, then give the answer."
+TEST_SEED, TRAIN_SEED = 1_000_003, 7
+
+
+def _operand(rng: random.Random, low: int = 1) -> int:
+    digits = rng.randint(1, 4)
+    return rng.randint(max(low, 10 ** (digits - 1)), 10**digits - 1)
+
+
+def _apply(op: str, x: int, y: int) -> Fraction:
+    return {"+": Fraction(x + y), "-": Fraction(x - y), "*": Fraction(x * y), "/": Fraction(x, y)}[op]
+
+
+def sample_chain(rng: random.Random, n_ops: int) -> tuple[int, list[tuple[str, int]], int] | None:
+    """(start, [(op, operand)...], result) with whole positive intermediates, or None to retry."""
+    value = start = _operand(rng)
+    steps = []
+    for _ in range(n_ops):
+        op = rng.choice("+-*/")
+        if op == "-":
+            if value < 2:
+                return None
+            b = rng.randint(1, min(value - 1, 9999))
+        elif op == "/":
+            divisors = [d for d in range(2, min(value, 9999) + 1) if value % d == 0 and d != value]
+            if not divisors:
+                return None
+            b = rng.choice(divisors)
+        else:
+            b = _operand(rng, low=2 if op == "*" else 1)
+        result = _apply(op, value, b)
+        if result.denominator != 1 or not 0 < result < MAX_VALUE:
+            return None
+        value = int(result)
+        steps.append((op, b))
+    return start, steps, value
+
+
+def chain_expression(start: int, steps: list[tuple[str, int]]) -> str:
+    """Left-to-right chain, earlier steps always parenthesised: ((a + b) * c) - d."""
+    expr = str(start)
+    for i, (op, b) in enumerate(steps):
+        expr = f"({expr}) {op} {b}" if i > 0 else f"{expr} {op} {b}"
+    return expr
+
+
+def render_question(rng: random.Random, start: int, steps: list[tuple[str, int]]) -> str:
+    name, he = rng.choice(NAMES)
+    item = rng.choice(ITEMS)
+    sentences = [f"{name} has {start} {item}."]
+    for i, (op, b) in enumerate(steps):
+        phrase = rng.choice(OP_PHRASES[op]).format(he=he, b=b)
+        sentences.append(("Then " + phrase[0].lower() + phrase[1:]) if i > 0 else phrase)
+    sentences.append(f"How many {item} does {name} have now?")
+    return " ".join(sentences)
+
+
+class CalcTask(Task):
+    name = "calc"
+    system_prompt = SYSTEM_PROMPT
+    tool_names = ("calculator",)
+
+    def __init__(self, min_ops: int = 1, max_ops: int = 3, test_size: int = 500):
+        if not 1 <= min_ops <= max_ops:
+            raise ValueError(f"calc: need 1 <= min_ops <= max_ops, got {min_ops}, {max_ops}")
+        self.min_ops, self.max_ops, self.test_size = min_ops, max_ops, test_size
+        self._test: list[Problem] | None = None
+
+    def _generate(self, seed: int, n: int, split: str, exclude: set[str]) -> list[Problem]:
+        rng = random.Random(f"calc/{split}/{seed}/{self.min_ops}-{self.max_ops}")
+        out: list[Problem] = []
+        while len(out) < n:
+            chain = sample_chain(rng, rng.randint(self.min_ops, self.max_ops))
+            if chain is None:
+                continue
+            start, steps, result = chain
+            question = render_question(rng, start, steps)
+            if question in exclude:
+                continue
+            meta = {"expression": chain_expression(start, steps), "n_ops": len(steps)}
+            out.append(Problem(f"{split}-{seed}-{len(out)}", question, str(result), meta))
+        return out
+
+    def _test_problems(self) -> list[Problem]:
+        if self._test is None:
+            self._test = self._generate(TEST_SEED, self.test_size, "test", set())
+        return self._test
+
+    def problems(self, split: str, n: int | None = None, seed: int = 0) -> list[Problem]:
+        if split == "test":
+            problems = self._test_problems()
+            return problems[:n] if n else problems
+        if split != "train":
+            raise ValueError(f"calc: unknown split '{split}' (allowed: train, test)")
+        exclude = {p.question for p in self._test_problems()}
+        return self._generate(TRAIN_SEED + seed, n or 1000, "train", exclude)
+
+    def solution_messages(self, problem: Problem) -> list[dict]:
+        """A successful trajectory: one calculator call with the chain expression, then the answer."""
+        call = format_tool_call("calculator", {"expression": problem.meta["expression"]})
+        return self.prompt_messages(problem) + [
+            {"role": "assistant", "content": call},
+            {"role": "tool", "content": problem.answer},
+            {"role": "assistant", "content": f"<answer>{problem.answer}</answer>"},
+        ]
+
+    def cold_start(self, n: int, seed: int = 0) -> list[list[dict]]:
+        return [self.solution_messages(p) for p in self.problems("train", n, seed=10_000 + seed)]
+
+    def pretrain_corpus(self, n_docs: int, seed: int = 0) -> list[str]:
+        """Plain text about numbers and arithmetic: worked stories and number facts (no tool protocol)."""
+        rng = random.Random(f"calc/pretrain/{seed}")
+        docs = []
+        for p in self.problems("train", n_docs, seed=20_000 + seed):
+            expr = p.meta["expression"]
+            if rng.random() < 0.8:
+                docs.append(f"{p.question} We compute {expr} = {p.answer}. The answer is {p.answer}.")
+            else:
+                a, b = _operand(rng), _operand(rng)
+                op = rng.choice("+-*")
+                value = _apply(op, a, b)
+                docs.append(f"{a} {OP_WORDS[op]} {b} is {value}. So {a} {op} {b} = {value}.")
+        return docs

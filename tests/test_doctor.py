@@ -1,0 +1,259 @@
+"""The doctor must fire on each documented failure with the right severity, and stay quiet on
+healthy (noisy) runs, live on every prefix as well as post hoc."""
+import importlib.util
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from steprl.monitor import Finding, MetricsLogger, diagnose, doctor_dir
+from steprl.monitor.doctor import main_doctor
+
+# key -> (curve over u in [0, 1], noise sd). Values are clamped at 0 (all these metrics are >= 0).
+GRPO = {
+    "reward": (lambda u: 0.2 + 0.6 * u, 0.05),
+    "reward_std": (lambda u: 0.35 - 0.1 * u, 0.02),
+    "accuracy": (lambda u: 0.15 + 0.6 * u, 0.04),
+    "kl": (lambda u: 0.01 + 0.05 * u, 0.003),
+    "entropy": (lambda u: 1.2 - 0.4 * u, 0.03),
+    "loss": (lambda u: 0.05, 0.02),
+    "grad_norm": (lambda u: 0.5, 0.1),
+    "completions/mean_length": (lambda u: 120 - 20 * u, 8),
+    "completions/clipped_ratio": (lambda u: 0.03, 0.01),
+    "tools/call_frequency": (lambda u: 0.8, 0.04),
+    "tools/failure_frequency": (lambda u: 0.1, 0.02),
+    "frac_reward_zero_std": (lambda u: 0.2, 0.05),
+}
+SFT = {"loss": (lambda u: 0.6 + 1.4 * math.exp(-4 * u), 0.04)}
+PRETRAIN = {"loss": (lambda u: 2.0 + 2.5 * math.exp(-5 * u), 0.06)}
+
+
+def make(curves, n=100, seed=0, evals=None, eval_every=10):
+    """A history: one line per step from `curves`, plus eval lines every `eval_every` steps."""
+    rng = np.random.default_rng(seed)
+    hist = []
+    for i in range(n):
+        u = i / (n - 1)
+        hist.append({"step": i, **{k: max(0.0, f(u) + rng.normal(0, sd)) for k, (f, sd) in curves.items()}})
+        if evals and i % eval_every == eval_every - 1:
+            hist.append({"step": i, **{k: max(0.0, f(u) + rng.normal(0, sd)) for k, (f, sd) in evals.items()}})
+    return hist
+
+
+def codes(findings, min_severity="info"):
+    rank = {"info": 0, "warning": 1, "critical": 2}
+    return {f.code: f.severity for f in findings if rank[f.severity] >= rank[min_severity]}
+
+
+def only(findings, code) -> Finding:
+    hits = [f for f in findings if f.code == code]
+    assert len(hits) == 1, findings
+    return hits[0]
+
+
+GRPO_EVAL = {"eval/accuracy": (lambda u: 0.15 + 0.55 * u, 0.03)}
+SFT_EVAL = {"eval/loss": (lambda u: 0.7 + 1.4 * math.exp(-4 * u), 0.02)}
+HEALTHY = {"grpo": (GRPO, GRPO_EVAL, "grpo"), "sft": (SFT, SFT_EVAL, "sft"),
+           "pretrain": (PRETRAIN, {"eval/loss": (lambda u: 2.1 + 2.5 * math.exp(-5 * u), 0.03)}, "pretrain")}
+
+
+@pytest.mark.parametrize("kind", list(HEALTHY))
+@pytest.mark.parametrize("seed", range(4))
+def test_healthy_histories_raise_nothing(kind, seed):
+    curves, evals, stage = HEALTHY[kind]
+    hist = make(curves, seed=seed, evals=evals)
+    ctx = {"stage": stage, "learning_rate": 1e-5}
+    assert codes(diagnose(hist, ctx, final=True), "warning") == {}
+    assert codes(diagnose(hist, {}, final=True), "warning") == {}  # stage guessed from metrics
+    for i in range(1, len(hist) + 1, 3):  # the live doctor sees every prefix
+        assert codes(diagnose(hist[:i], ctx), "warning") == {}, i
+
+
+def test_short_and_missing_metrics_are_fine():
+    assert diagnose([]) == []
+    assert diagnose([{"step": 0}, {"step": 1, "loss": 2.0}]) == []
+    assert diagnose([{"step": 0, "kl": 0.9}]) == []  # one point is a blip
+    assert diagnose(make(SFT, n=5), final=True) == []
+
+
+def test_kl_explosion_critical_with_scaled_fix():
+    hist = make({**GRPO, "kl": (lambda u: 0.03 if u < 0.6 else 0.8, 0.02)})
+    f = only(diagnose(hist, {"learning_rate": 5e-5, "kl_coef": 0.05}), "kl_explosion")
+    assert f.severity == "critical" and 59 <= f.step <= 62
+    assert "learning_rate 5e-05 -> 1e-05" in f.advice and "kl_coef 0.05 -> 0.1" in f.advice
+    assert f.fix["learning_rate"] == 1e-5 and f.fix["kl_coef"] == 0.1 and f.fix["rollback"] is True
+    generic = only(diagnose(hist), "kl_explosion")  # no context: generic advice, still a fix
+    assert "learning rate" in generic.advice and "learning_rate" not in generic.fix
+
+
+def test_kl_warning_band_and_single_blip():
+    hist = make({**GRPO, "kl": (lambda u: 0.03 if u < 0.5 else 0.25, 0.02)})
+    assert only(diagnose(hist), "kl_explosion").severity == "warning"
+    blip = make(GRPO)
+    blip[50]["kl"] = 2.0
+    assert "kl_explosion" not in codes(diagnose(blip, final=True))
+
+
+def test_kl_too_low():
+    hist = make({**GRPO, "kl": (lambda u: 0.0003, 0.0001)})
+    assert only(diagnose(hist), "kl_too_low").severity == "info"
+    frozen = make({**GRPO, "kl": (lambda u: 0.0, 0.0)})
+    f = only(diagnose(frozen, {"kl_coef": 0.05}), "kl_too_low")
+    assert f.severity == "warning" and "not moving" in f.evidence
+    assert "kl_too_low" not in codes(diagnose(frozen, {"kl_coef": 0.0}))  # KL not measured
+
+
+def test_reward_stagnation_with_source_advice():
+    flat = {**GRPO, "reward": (lambda u: 0.3, 0.03), "accuracy": (lambda u: 0.3, 0.03)}
+    ctx = {"learning_rate": 1e-5, "kl_coef": 0.1}
+    f = only(diagnose(make(flat), ctx, final=True), "reward_stagnation")
+    assert f.severity == "warning"
+    assert f.fix == {"learning_rate": 5e-5, "kl_coef": 0.05}
+    assert "learning_rate 1e-05 -> 5e-05" in f.advice and "kl_coef 0.1 -> 0.05" in f.advice
+    live = [diagnose(make(flat)[:i], ctx) for i in range(40, 101, 5)]
+    assert any("reward_stagnation" in codes(fs) for fs in live)  # the live doctor sees it too
+    # a plateau after learning is convergence, not stagnation
+    plateau = {**GRPO, "reward": (lambda u: 0.2 + 0.6 * min(1.0, 3 * u), 0.03)}
+    assert "reward_stagnation" not in codes(diagnose(make(plateau), final=True))
+
+
+def test_reward_collapse():
+    up_down = lambda u: 0.2 + 1.2 * u if u < 0.5 else 0.8 - 1.2 * (u - 0.5)  # noqa: E731
+    f = only(diagnose(make({**GRPO, "reward": (up_down, 0.04)}), final=True), "reward_collapse")
+    assert f.severity == "critical" and 40 <= f.step <= 60 and f.fix["rollback_step"] == f.step
+    partial = lambda u: 0.2 + 1.2 * u if u < 0.5 else 0.8 - 0.5 * (u - 0.5)  # noqa: E731
+    assert only(diagnose(make({**GRPO, "reward": (partial, 0.04)}), final=True),
+                "reward_collapse").severity == "warning"
+
+
+def test_quality_drop():
+    hist = make({**GRPO, "completions/clipped_ratio": (lambda u: 0.02 if u < 0.5 else 0.5, 0.02),
+                 "rewards/format": (lambda u: 0.9 if u < 0.5 else 0.4, 0.03)})
+    f = only(diagnose(hist, {"kl_coef": 0.05}), "quality_drop")
+    assert f.severity == "warning" and "clipped_ratio" in f.evidence and "rewards/format" in f.evidence
+    assert f.fix == {"kl_coef": 0.1} and "combined reward" in f.advice
+    longer = make({**GRPO, "completions/mean_length": (lambda u: 100 + 300 * u, 8)})
+    assert "mean_length" in only(diagnose(longer), "quality_drop").evidence
+
+
+def test_loss_not_decreasing_flat_and_diverging():
+    flat = make({"loss": (lambda u: 1.5, 0.03)}, n=60)
+    f = only(diagnose(flat, {"stage": "sft", "learning_rate": 2e-5}), "loss_not_decreasing")
+    assert f.severity == "warning" and f.fix["learning_rate"] == 6e-5
+    up = make({"loss": (lambda u: 1.0 + 2.0 * u, 0.05)}, n=60)
+    assert only(diagnose(up), "loss_not_decreasing").severity == "critical"
+    assert "loss_not_decreasing" not in codes(diagnose(make(GRPO)))  # RL loss need not fall
+
+
+def test_overfitting_sft_and_rl():
+    evals = {"eval/loss": (lambda u: 2.0 - 2.5 * u if u < 0.4 else 1.0 + 1.5 * (u - 0.4), 0.01)}
+    hist = make({"loss": (lambda u: 2.0 - 1.5 * u, 0.03)}, evals=evals)
+    f = only(diagnose(hist, {"weight_decay": 0.0, "num_epochs": 3}), "overfitting")
+    assert f.severity == "warning" and 30 <= f.step <= 50
+    assert f.fix["weight_decay"] == 0.01 and f.fix["num_epochs"] <= 2
+    rl_evals = {"eval/accuracy": (lambda u: 0.2 + u if u < 0.4 else 0.6 - 0.8 * (u - 0.4), 0.01)}
+    assert only(diagnose(make(GRPO, evals=rl_evals)), "overfitting").severity == "warning"
+
+
+def test_out_of_memory_and_nan():
+    hist = make(GRPO, n=40) + [{"step": 40, "event": "oom"}]
+    f = only(diagnose(hist, {"num_generations": 8, "per_device_batch_size": 4, "max_new_tokens": 512}),
+             "out_of_memory")
+    assert f.severity == "critical" and f.step == 40
+    assert f.fix == {"num_generations": 4, "per_device_batch_size": 2, "max_new_tokens": 256,
+                     "gradient_checkpointing": True}
+    sft = make(SFT, n=40)
+    sft[30]["loss"] = float("nan")
+    f = only(diagnose(sft), "nan_loss")
+    assert f.severity == "critical" and f.step == 30
+    sft[30]["loss"] = "inf"  # hand-written files
+    assert only(diagnose(sft), "nan_loss").step == 30
+    sft[30]["event"] = "nan_skip"  # one batch skipped by the trainer: the run recovered
+    assert only(diagnose(sft), "nan_loss").severity == "warning"
+
+
+def test_zero_variance_groups():
+    hist = make({**GRPO, "frac_reward_zero_std": (lambda u: 0.8, 0.05)})
+    f = only(diagnose(hist, {"num_generations": 4}), "zero_variance_groups")
+    assert f.severity == "warning" and f.fix["num_generations"] == 8
+    solved = make({**GRPO, "frac_reward_zero_std": (lambda u: 0.9, 0.03), "accuracy": (lambda u: 0.97, 0.01)})
+    assert only(diagnose(solved), "zero_variance_groups").severity == "info"
+
+
+def test_entropy_and_tool_use_collapse():
+    hist = make({**GRPO, "entropy": (lambda u: 1.2 * math.exp(-6 * u), 0.01)})
+    assert only(diagnose(hist), "entropy_collapse").severity == "warning"
+    tools = make({**GRPO, "tools/call_frequency": (lambda u: 0.8 if u < 0.6 else 0.0, 0.01)})
+    f = only(diagnose(tools), "tool_use_collapse")
+    assert f.severity == "warning" and 58 <= f.step <= 64 and "failure_frequency" in f.evidence
+
+
+def _write(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_main_doctor_json_contract(tmp_path, capsys):
+    bad = tmp_path / "run" / "grpo"
+    bad.mkdir(parents=True)
+    lines = [f'{{"step": {i}, "kl": {0.02 if i < 10 else 0.9}, "reward": 0.5}}' for i in range(20)]
+    (bad / "metrics.jsonl").write_text("\n".join(lines) + "\n{broken\n")
+    assert main_doctor(bad, as_json=True) == 1
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    kl = [f for f in out if f["code"] == "kl_explosion"][0]
+    assert {"code", "severity", "step", "evidence", "advice"} <= set(kl) and kl["severity"] == "critical"
+    assert kl["step"] == 10
+    # run dir: evidence prefixed with the stage name
+    assert doctor_dir(tmp_path / "run")[0].evidence.startswith("grpo: ")
+
+    good = tmp_path / "sft"
+    _write(good / "metrics.jsonl", make(SFT, n=50))
+    assert main_doctor(good, as_json=True) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == []
+    with pytest.raises(SystemExit, match="no metrics.jsonl"):
+        main_doctor(tmp_path / "nowhere")
+
+
+def test_doctor_reads_config_context(tmp_path):
+    run = tmp_path / "run"
+    _write(run / "grpo" / "metrics.jsonl", make({**GRPO, "kl": (lambda u: 0.03 if u < 0.6 else 0.8, 0.02)}))
+    (run / "config.yaml").write_text("name: run\nsft: {learning_rate: 2.0e-4}\n"
+                                     "grpo:\n  learning_rate: 5.0e-5\n  kl_coef: 0.05\n")
+    f = only(doctor_dir(run), "kl_explosion")
+    assert f.fix["learning_rate"] == 1e-5 and f.fix["kl_coef"] == 0.1
+
+
+def test_metrics_logger(tmp_path, capsys):
+    d = tmp_path / "grpo"
+    log = MetricsLogger(d, "grpo", report_to=("tensorboard",), doctor_context={"kl_coef": 0.05})
+    got = []
+    for i in range(8):
+        got += log.log({"kl": torch.tensor(0.9), "reward": np.float32(0.5), "hist": [1, 2]}, step=i)
+    assert [f.code for f in got] == ["kl_explosion"] and got[0].fix["kl_coef"] == 0.1
+    assert "kl_explosion" in capsys.readouterr().out
+    log.close()
+    rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0] == {"step": 0, "kl": pytest.approx(0.9), "reward": 0.5} and len(rows) == 8
+    assert len((d / "doctor.jsonl").read_text().splitlines()) == 1
+    assert any((d / "tb").iterdir())
+
+    # resume: history reloaded, re-run steps dropped, the known finding not repeated
+    log = MetricsLogger(d, "grpo", report_to=())
+    assert len(log.history) == 8
+    log.truncate_after(5)
+    assert [r["step"] for r in log.history] == [0, 1, 2, 3, 4]
+    assert log.log({"kl": 0.9}, step=5) == []
+    log.log({"event": "oom"}, step=6)
+    log.close()
+    assert [json.loads(x)["step"] for x in (d / "metrics.jsonl").read_text().splitlines()] == list(range(7))
+
+
+def test_logger_escalates_and_warns_once_for_missing_sink(tmp_path, capsys):
+    sink = "wandb" if importlib.util.find_spec("wandb") is None else "nonexistent_sink"
+    log = MetricsLogger(tmp_path, "grpo", report_to=(sink,))
+    found = [f for i in range(6) for f in log.log({"kl": 0.3 if i < 3 else 0.9}, step=i)]
+    log.close()
+    assert [(f.code, f.severity) for f in found] == [("kl_explosion", "warning"), ("kl_explosion", "critical")]
+    assert capsys.readouterr().out.count(f"report_to '{sink}'") == 1
