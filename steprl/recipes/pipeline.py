@@ -1,0 +1,82 @@
+"""`steprl run`: the config's stages in order, an evaluation after each, and summary.json.
+
+A stage that finished earlier (its done.json exists) is skipped, so re-running the same command
+after a crash picks up where the run stopped; a stage killed midway resumes from its last
+checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from steprl.config import RunConfig, save_config
+from steprl.recipes.common import done_info, setup_torch, stage_dir
+
+
+def stage_runner(stage: str):
+    from steprl.recipes import grpo, pretrain, sft
+
+    runners = {"pretrain": pretrain.run, "sft": sft.run, "grpo": grpo.run}
+    if stage not in runners:
+        raise NotImplementedError(f"stage '{stage}' is not available yet")
+    return runners[stage]
+
+
+def evaluate_stage(cfg: RunConfig, stage: str) -> dict:
+    from steprl.models.loading import load_policy
+    from steprl.recipes.evaluate import evaluate
+    from steprl.tasks import get_task
+
+    out = stage_dir(cfg, stage)
+    cached = out / "eval.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    model, tokenizer = load_policy(str(out / "checkpoint"))
+    e = cfg.eval
+    metrics, trajs = evaluate(model, tokenizer, get_task(cfg.task.name, **cfg.task.args), e.split, e.limit,
+                              e.batch_size, e.max_new_tokens, e.max_turns)
+    cached.write_text(json.dumps(metrics))
+    return metrics
+
+
+def run_stage(cfg: RunConfig, stage: str) -> dict:
+    """Run (or skip, if done) one stage, evaluate it if asked, and return its summary row."""
+    setup_torch(cfg)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    out = stage_dir(cfg, stage)
+    info = done_info(out)
+    if info is None:
+        t0 = time.perf_counter()
+        info = stage_runner(stage)(cfg)
+        info["wall_seconds"] = time.perf_counter() - t0
+        (out / "done.json").write_text(json.dumps(info))
+    else:
+        print(f"{stage}: already done ({out}), skipping")
+    row = {"name": stage, "wall_seconds": info.get("wall_seconds", 0.0)}
+    if stage in cfg.eval_after:
+        t0 = time.perf_counter()
+        row["eval"] = evaluate_stage(cfg, stage)
+        row["eval_seconds"] = time.perf_counter() - t0
+        print(f"{stage}: held-out accuracy {row['eval']['accuracy']:.3f} on {row['eval']['n']} problems")
+    return row
+
+
+def run(cfg: RunConfig) -> dict:
+    t0 = time.perf_counter()
+    rows = [run_stage(cfg, stage) for stage in cfg.stages]
+    summary = {"name": cfg.name, "stages": rows,
+               "wall_seconds": sum(r["wall_seconds"] + r.get("eval_seconds", 0.0) for r in rows),
+               "session_seconds": time.perf_counter() - t0}
+    (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print_table(summary)
+    return summary
+
+
+def print_table(summary: dict) -> None:
+    print(f"\n{'stage':<10} {'seconds':>8} {'accuracy':>9} {'n':>5}")
+    for row in summary["stages"]:
+        ev = row.get("eval") or {}
+        acc = f"{ev['accuracy']:.3f}" if "accuracy" in ev else "-"
+        print(f"{row['name']:<10} {row['wall_seconds']:>8.1f} {acc:>9} {ev.get('n', '-'):>5}")
+    print(f"{'total':<10} {summary['wall_seconds']:>8.1f}")

@@ -1,0 +1,22 @@
+import os
+
+import pytest
+
+os.environ.setdefault("STEPRL_NO_PROGRESS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """A random tiny Llama and the embedded tokenizer, trained on a small calc corpus."""
+    import torch
+
+    from steprl.models.tiny import render_chatml, tiny_llama, train_tokenizer
+    from steprl.tasks.calc import CalcTask
+
+    task = CalcTask()
+    texts = task.pretrain_corpus(400) + [render_chatml(m) for m in task.cold_start(100)]
+    tok = train_tokenizer(texts, vocab_size=400)
+    torch.manual_seed(0)
+    model = tiny_llama(tok, hidden_size=64, num_layers=2, num_heads=2).eval()
+    return model, tok, task

@@ -1,0 +1,50 @@
+from fractions import Fraction
+
+from steprl.tasks import get_task
+from steprl.tasks.base import answers_match, extract_answer
+from steprl.tasks.calc import CalcTask, chain_expression
+from steprl.tools import calculator
+
+
+def test_deterministic_and_disjoint():
+    a, b = CalcTask(), CalcTask()
+    assert [p.question for p in a.problems("test", 50)] == [p.question for p in b.problems("test", 50)]
+    test = {p.question for p in a.problems("test")}
+    assert len(test) == 500
+    train = a.problems("train", 3000)
+    assert not test & {p.question for p in train}
+
+
+def test_answers_are_whole_and_match_the_calculator():
+    for p in CalcTask().problems("train", 500):
+        assert 1 <= p.meta["n_ops"] <= 3
+        assert calculator(p.meta["expression"]) == p.answer
+        assert Fraction(p.answer).denominator == 1 and int(p.answer) > 0
+
+
+def test_chain_expression_parenthesises_left_to_right():
+    assert chain_expression(12, [("+", 5), ("*", 3), ("-", 4)]) == "((12 + 5) * 3) - 4"
+    assert calculator("((12 + 5) * 3) - 4") == "47"
+
+
+def test_answer_extraction_and_matching():
+    assert extract_answer("so <answer> 42 </answer>") == "42"
+    assert extract_answer("<answer>1</answer> then <answer>2</answer>") == "2"
+    assert extract_answer("no answer") is None
+    assert answers_match("1,234", "1234") and answers_match("12.0", "12")
+    assert not answers_match("13", "12") and not answers_match(None, "12")
+
+
+def test_cold_start_is_a_successful_tool_trajectory():
+    conv = CalcTask().cold_start(1)[0]
+    assert [m["role"] for m in conv] == ["system", "user", "assistant", "tool", "assistant"]
+    assert "<tool_call>" in conv[2]["content"] and conv[4]["content"] == f"<answer>{conv[3]['content']}</answer>"
+
+
+def test_unknown_task_and_split():
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        get_task("nope")
+    with pytest.raises(ValueError, match="unknown split"):
+        CalcTask().problems("valid")
