@@ -30,6 +30,8 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # fully trained beside the adapter, e.g. [embed_tokens] when new tokens must be learned
+    modules_to_save: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -107,6 +109,8 @@ class GRPOConfig:
     epsilon_high: float | None = None
     num_iterations: int = 1  # mu: optimisation epochs over each batch of rollouts
     minibatch_size: int = 64  # trajectories per optimiser step
+    micro_batch_size: int = 0  # trajectories per forward pass (gradient accumulation); 0 = minibatch_size
+    gradient_checkpointing: bool = False
     loss_type: Literal["grpo", "dapo", "dr_grpo"] = "grpo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     credit: Literal["trajectory", "turn"] = "trajectory"
@@ -194,6 +198,11 @@ def _coerce(value, tp, key: str):
         return value
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "5e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is bool and isinstance(value, bool):
         return value
     if tp in (int, str) and isinstance(value, tp) and not isinstance(value, bool):

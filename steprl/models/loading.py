@@ -56,8 +56,11 @@ def apply_lora(model, lora: LoraConfig):
     """Wrap `model` with a fresh LoRA adapter; the frozen base doubles as the KL reference."""
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
     peft_cfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                              target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+                              target_modules=list(lora.target_modules), task_type="CAUSAL_LM",
+                              modules_to_save=list(lora.modules_to_save) or None,
+                              ensure_weight_tying=tied and bool(lora.modules_to_save))
     return get_peft_model(model, peft_cfg)
 
 

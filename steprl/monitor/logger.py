@@ -115,6 +115,13 @@ class MetricsLogger:
                            f"{f.evidence} -> {f.advice}")
         return new
 
+    def record(self, finding: Finding) -> None:
+        """Write and print a finding made outside the rules (e.g. an auto-fix action)."""
+        with open(self.doctor_path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(finding.to_dict()) + "\n")
+        tqdm.write(f"[doctor] {self.stage} {finding.severity.upper()} {finding.code} @ step {finding.step}: "
+                   f"{finding.evidence} -> {finding.advice}")
+
     def _write_sink(self, name: str, scalars: dict, step: int) -> None:
         if name in ("none", "jsonl", ""):
             return

@@ -26,6 +26,7 @@ from steprl.algos import (aggregate_loss, clipped_surrogate, entropy_from_logits
 from steprl.config import RunConfig
 from steprl.models.loading import apply_lora, is_peft, load_policy, resolve, save_checkpoint
 from steprl.monitor import MetricsLogger
+from steprl.monitor.autofix import AutoFixer, Knobs
 from steprl.recipes.common import (Timer, cosine_lr, load_state, mark_done, progress_bar, save_state,
                                    set_lr, setup_torch, stage_dir)
 from steprl.recipes.evaluate import make_envs, tool_setup
@@ -91,6 +92,32 @@ def sample_record(tokenizer, t: Trajectory, step: int) -> dict:
 
 # ---------------------------------------------------------------------------- the stage
 
+def policy_loss(model, mb, cols, mask, advantages, old_logp, ref_logp, g, knobs, scale: float):
+    """Loss of one micro-batch (already scaled for gradient accumulation) and its statistics."""
+    logp, entropy = completion_logprobs(model, mb, with_entropy=True)
+    m, a, old = mask[:, cols], advantages[:, cols], old_logp[:, cols]
+    per_token = clipped_surrogate(logp, old, a, g.epsilon, clip_eps_high=g.epsilon_high)
+    kl = torch.zeros_like(logp)
+    if ref_logp is not None:
+        kl = kl_penalty(logp, ref_logp[:, cols], g.kl_estimator)
+        per_token = per_token + knobs.kl_coef * kl
+    loss = aggregate_loss(per_token, m, g.loss_type, max_len=g.max_new_tokens * g.max_turns) * scale
+    n_tok = m.sum().clamp(min=1)
+    ratio = torch.exp(logp.detach() - old)
+    eps_high = g.epsilon_high if g.epsilon_high is not None else g.epsilon
+    clipped = ((ratio < 1 - g.epsilon) & (a < 0)) | ((ratio > 1 + eps_high) & (a > 0))
+    stats = {"kl": float((kl.detach() * m).sum() / n_tok), "entropy": float((entropy * m).sum() / n_tok),
+             "clip_ratio": float((clipped.float() * m).sum() / n_tok)}
+    return loss, stats
+
+
+def accumulation_scale(g, micro_mask: torch.Tensor, mb_mask: torch.Tensor) -> float:
+    """Weight of a micro-batch in its minibatch, so that accumulated gradients equal one big batch."""
+    if g.loss_type == "dapo":  # token mean over the whole minibatch
+        return float(micro_mask.sum() / mb_mask.sum().clamp(min=1))
+    return micro_mask.shape[0] / mb_mask.shape[0]  # per-sequence means
+
+
 def run(cfg: RunConfig) -> dict:
     setup_torch(cfg)
     g, out = cfg.grpo, stage_dir(cfg, "grpo")
@@ -100,7 +127,7 @@ def run(cfg: RunConfig) -> dict:
     ref_model = None
     if g.lora.enabled:
         model = apply_lora(model, g.lora)
-    elif g.kl_coef > 0:
+    elif g.kl_coef > 0 or cfg.doctor.auto_fix:
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     state = load_state(ckpt) if ckpt.is_dir() else None
     if state:
@@ -111,118 +138,62 @@ def run(cfg: RunConfig) -> dict:
     problems = task.problems("train", max(g.steps * g.prompts_per_step, 1000), seed=cfg.seed)
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=g.learning_rate, weight_decay=0.0)
-    kl_coef, lr_peak, start = g.kl_coef, g.learning_rate, 0
+    knobs = Knobs(g.learning_rate, g.kl_coef, g.micro_batch_size or g.minibatch_size, g.num_generations,
+                  g.max_new_tokens, g.max_grad_norm, g.gradient_checkpointing)
+    start = 0
     if state:
         optimizer.load_state_dict(state["optimizer"])
-        start, kl_coef, lr_peak = state["step"], state["extra"]["kl_coef"], state["extra"]["lr_peak"]
-    context = {"learning_rate": lr_peak, "kl_coef": kl_coef, "num_generations": g.num_generations,
-               "per_device_batch_size": g.minibatch_size, "max_new_tokens": g.max_new_tokens}
+        start = state["step"]
+        knobs = Knobs(**state["extra"]["knobs"])
+    fixer = AutoFixer(model, knobs) if cfg.doctor.auto_fix else None
+    context = {"learning_rate": knobs.learning_rate, "kl_coef": knobs.kl_coef, "num_generations": g.num_generations,
+               "per_device_batch_size": knobs.micro_batch_size, "max_new_tokens": g.max_new_tokens}
     logger = MetricsLogger(out, "grpo", report_to=cfg.report_to, doctor_context=context,
                            live_doctor=cfg.doctor.enabled)
     if start:
-        logger.truncate_after(start)
-    sampling = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature,
-                              top_p=g.top_p, top_k=g.top_k)
+        logger.truncate_after(start + 1)
     generator = torch.Generator().manual_seed(cfg.seed + start)
-    rng = random.Random(cfg.seed)
+    rng = random.Random(cfg.seed + start)
     bar = progress_bar(g.steps, f"grpo ({'LoRA' if g.lora.enabled else 'full'}, "
                                 f"{g.prompts_per_step}x{g.num_generations} episodes/step)", initial=start)
     samples_file = open(out / "samples.jsonl", "a")
-    for step in range(start, g.steps):
+    step = start
+    while step < g.steps:
         timer = Timer()
-        lr = lr_peak * cosine_lr(step, g.steps, g.warmup_steps, min_ratio=1.0)
-        set_lr(optimizer, lr)
-
-        # 1. rollout: G episodes per prompt, consecutive blocks share a prompt
-        first = (step * g.prompts_per_step) % len(problems)
-        batch = [problems[(first + i) % len(problems)] for i in range(g.prompts_per_step)]
-        episodes = [p for p in batch for _ in range(g.num_generations)]
-        envs = make_envs(task, tools, g.reward, g.max_turns, len(episodes), suffix)
-        model.eval()
-        trajs = run_episodes(model, tokenizer, envs, episodes, sampling, renderer, generator)
-        rollout_seconds = timer.seconds
-
-        # 2-3. rewards -> advantages (per token)
-        rewards = torch.tensor([t.reward for t in trajs])
-        width = max(len(t.ids) for t in trajs)
-        advantages = token_advantages(trajs, g, width)
-        old_logp = right_aligned([t.logps for t in trajs], width)
-        mask = right_aligned([t.mask for t in trajs], width)
-        ref_logp = None
-        if kl_coef > 0:
-            with torch.no_grad():
-                if is_peft(model):
-                    with model.disable_adapter():
-                        ref_logp = batched_logprobs(model, trajs, g.minibatch_size)
-                else:
-                    ref_logp = batched_logprobs(ref_model, trajs, g.minibatch_size)
-
-        # 4-5. clipped policy-gradient updates
-        model.train()
-        stats = {"loss": [], "kl": [], "entropy": [], "clip_ratio": [], "grad_norm": []}
-        for _ in range(g.num_iterations):
-            order = list(range(len(trajs)))
-            rng.shuffle(order)
-            for lo in range(0, len(order), g.minibatch_size):
-                idx = order[lo:lo + g.minibatch_size]
-                mb = [trajs[i] for i in idx]
-                mb_width = max(len(t.ids) for t in mb)
-                cols = slice(width - mb_width, width)
-                logp, entropy = completion_logprobs(model, mb, with_entropy=True)
-                m, a, old = mask[idx, cols], advantages[idx, cols], old_logp[idx, cols]
-                per_token = clipped_surrogate(logp, old, a, g.epsilon, clip_eps_high=g.epsilon_high)
-                kl = torch.zeros_like(logp)
-                if ref_logp is not None:
-                    kl = kl_penalty(logp, ref_logp[idx, cols], g.kl_estimator)
-                    per_token = per_token + kl_coef * kl
-                loss = aggregate_loss(per_token, m, g.loss_type, max_len=g.max_new_tokens * g.max_turns)
-                optimizer.zero_grad(set_to_none=True)
-                if not torch.isfinite(loss):
-                    stats["loss"].append(float("nan"))
-                    continue  # a NaN batch is skipped, never applied
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, g.max_grad_norm)
-                optimizer.step()
-                n_tok = m.sum().clamp(min=1)
-                ratio = torch.exp(logp.detach() - old)
-                eps_high = g.epsilon_high if g.epsilon_high is not None else g.epsilon
-                clipped = ((ratio < 1 - g.epsilon) & (a < 0)) | ((ratio > 1 + eps_high) & (a > 0))
-                stats["loss"].append(loss.item())
-                stats["kl"].append(float((kl.detach() * m).sum() / n_tok))
-                stats["entropy"].append(float((entropy * m).sum() / n_tok))
-                stats["clip_ratio"].append(float((clipped.float() * m).sum() / n_tok))
-                stats["grad_norm"].append(float(grad_norm))
-
-        # metrics, samples, checkpoint
-        groups = rewards.view(-1, g.num_generations)
-        n_calls = sum(t.n_tool_calls for t in trajs)
-        metrics = {
-            "reward": rewards.mean().item(),
-            "reward_std": groups.std(dim=1).mean().item(),
-            "accuracy": sum(t.correct for t in trajs) / len(trajs),
-            **{k: sum(v) / len(v) for k, v in stats.items() if v},
-            "learning_rate": lr,
-            "kl_coef": kl_coef,
-            "completions/mean_length": sum(sum(t.mask) for t in trajs) / len(trajs),
-            "completions/clipped_ratio": sum(t.truncated for t in trajs) / len(trajs),
-            "turns/mean": sum(t.n_turns for t in trajs) / len(trajs),
-            "tools/call_frequency": n_calls / len(trajs),
-            "tools/failure_frequency": sum(t.n_tool_failures for t in trajs) / max(1, n_calls),
-            "frac_reward_zero_std": (groups.std(dim=1) < 1e-6).float().mean().item(),
-            "format": sum(t.answered for t in trajs) / len(trajs),
-            "rollout_time": rollout_seconds,
-            "step_time": timer.seconds,
-        }
-        logger.log(metrics, step + 1)
+        set_lr(optimizer, knobs.learning_rate * cosine_lr(step, g.steps, g.warmup_steps, min_ratio=1.0))
+        if knobs.gradient_checkpointing and not model.is_gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        try:
+            metrics, trajs = grpo_step(model, ref_model, tokenizer, optimizer, params, task, tools, renderer,
+                                       suffix, problems, step, g, knobs, generator, rng)
+        except (torch.OutOfMemoryError, MemoryError) as err:
+            # Nothing was applied: log it, let the doctor pick smaller settings, retry the step.
+            optimizer.zero_grad(set_to_none=True)
+            findings = logger.log({"event": "oom"}, step + 1)
+            if fixer is None or not fixer.apply(findings, step + 1):
+                raise RuntimeError(f"grpo: out of memory at step {step + 1} ({err}); "
+                                   "set doctor.auto_fix=true or lower grpo.micro_batch_size") from err
+            continue
+        metrics.update({"learning_rate": optimizer.param_groups[0]["lr"], "kl_coef": knobs.kl_coef,
+                        "step_time": timer.seconds})
+        findings = logger.log(metrics, step + 1)
+        if fixer is not None:
+            for action in fixer.apply(findings, step + 1):
+                logger.record(action)
+            if "kl" in metrics and g.kl_coef > 0:
+                fixer.adapt_kl(metrics["kl"], len(trajs))
+            if not any(f.severity == "critical" for f in findings) and metrics.get("kl", 0.0) < 0.1:
+                fixer.snapshot(step + 1)
         for t in rng.sample(trajs, min(g.n_samples_logged, len(trajs))):
             samples_file.write(json.dumps(sample_record(tokenizer, t, step + 1)) + "\n")
         samples_file.flush()
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}",
-                        kl=f"{metrics['kl']:.3f}")
-        if g.save_every and (step + 1) % g.save_every == 0 and step + 1 < g.steps:
+                        kl=f"{metrics.get('kl', 0.0):.3f}")
+        step += 1
+        if g.save_every and step % g.save_every == 0 and step < g.steps:
             save_checkpoint(model, tokenizer, ckpt, base_path=base)
-            save_state(ckpt, step + 1, optimizer, {"kl_coef": kl_coef, "lr_peak": lr_peak})
+            save_state(ckpt, step, optimizer, {"knobs": knobs.__dict__})
     bar.close()
     samples_file.close()
     logger.close()
@@ -231,6 +202,92 @@ def run(cfg: RunConfig) -> dict:
     info = {"checkpoint": str(ckpt), "base": base, "steps": g.steps}
     mark_done(out, info)
     return info
+
+
+def grpo_step(model, ref_model, tokenizer, optimizer, params, task, tools, renderer, suffix, problems,
+              step, g, knobs, generator, rng) -> tuple[dict, list[Trajectory]]:
+    """One GRPO step (rollout, advantages, updates); returns its metrics and trajectories."""
+    timer = Timer()
+    # 1. rollout: G episodes per prompt, consecutive blocks share a prompt
+    first = (step * g.prompts_per_step) % len(problems)
+    batch = [problems[(first + i) % len(problems)] for i in range(g.prompts_per_step)]
+    episodes = [p for p in batch for _ in range(knobs.num_generations)]
+    envs = make_envs(task, tools, g.reward, g.max_turns, len(episodes), suffix)
+    sampling = SamplingParams(max_new_tokens=knobs.max_new_tokens, temperature=g.temperature,
+                              top_p=g.top_p, top_k=g.top_k)
+    model.eval()
+    trajs = run_episodes(model, tokenizer, envs, episodes, sampling, renderer, generator)
+    rollout_seconds = timer.seconds
+
+    # 2-3. rewards -> per-token advantages; the sampling log-probs are the old log-probs
+    rewards = torch.tensor([t.reward for t in trajs])
+    width = max(len(t.ids) for t in trajs)
+    advantages = token_advantages(trajs, g, width)
+    old_logp = right_aligned([t.logps for t in trajs], width)
+    mask = right_aligned([t.mask for t in trajs], width)
+    ref_logp = None
+    if knobs.kl_coef > 0:
+        with torch.no_grad():
+            if is_peft(model):
+                with model.disable_adapter():
+                    ref_logp = batched_logprobs(model, trajs, knobs.micro_batch_size)
+            else:
+                ref_logp = batched_logprobs(ref_model, trajs, knobs.micro_batch_size)
+
+    # 4-5. clipped policy-gradient updates, micro-batches accumulated into minibatches
+    model.train()
+    stats: dict[str, list[float]] = {"loss": [], "kl": [], "entropy": [], "clip_ratio": [], "grad_norm": []}
+    skipped = 0
+    for _ in range(g.num_iterations):
+        order = list(range(len(trajs)))
+        rng.shuffle(order)
+        for lo in range(0, len(order), g.minibatch_size):
+            mb_idx = order[lo:lo + g.minibatch_size]
+            optimizer.zero_grad(set_to_none=True)
+            total = 0.0
+            for mlo in range(0, len(mb_idx), knobs.micro_batch_size):
+                idx = mb_idx[mlo:mlo + knobs.micro_batch_size]
+                mb = [trajs[i] for i in idx]
+                cols = slice(width - max(len(t.ids) for t in mb), width)
+                scale = accumulation_scale(g, mask[idx], mask[mb_idx])
+                loss, s = policy_loss(model, mb, cols, mask[idx], advantages[idx], old_logp[idx],
+                                      None if ref_logp is None else ref_logp[idx], g, knobs, scale)
+                if not torch.isfinite(loss):
+                    break
+                loss.backward()
+                total += loss.item()
+                for k, v in s.items():
+                    stats[k].append(v)
+            else:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, knobs.max_grad_norm)
+                if torch.isfinite(grad_norm):
+                    optimizer.step()
+                    stats["loss"].append(total)
+                    stats["grad_norm"].append(float(grad_norm))
+                    continue
+            skipped += 1  # a NaN loss or gradient: this minibatch is never applied
+            optimizer.zero_grad(set_to_none=True)
+
+    groups = rewards.view(-1, knobs.num_generations)
+    n_calls = sum(t.n_tool_calls for t in trajs)
+    n = len(trajs)
+    metrics = {
+        "reward": rewards.mean().item(),
+        "reward_std": groups.std(dim=1).mean().item(),
+        "accuracy": sum(t.correct for t in trajs) / n,
+        **{k: sum(v) / len(v) for k, v in stats.items() if v},
+        "completions/mean_length": sum(sum(t.mask) for t in trajs) / n,
+        "completions/clipped_ratio": sum(t.truncated for t in trajs) / n,
+        "turns/mean": sum(t.n_turns for t in trajs) / n,
+        "tools/call_frequency": n_calls / n,
+        "tools/failure_frequency": sum(t.n_tool_failures for t in trajs) / max(1, n_calls),
+        "frac_reward_zero_std": (groups.std(dim=1) < 1e-6).float().mean().item(),
+        "format": sum(t.answered for t in trajs) / n,
+        "rollout_time": rollout_seconds,
+    }
+    if skipped:
+        metrics.update({"event": "nan_skip", "skipped_minibatches": skipped})
+    return metrics, trajs
 
 
 @torch.no_grad()

@@ -78,7 +78,7 @@ def run(cfg: RunConfig) -> dict:
     logger = MetricsLogger(out, "pretrain", report_to=cfg.report_to, live_doctor=cfg.doctor.enabled,
                            doctor_context={"learning_rate": p.learning_rate})
     if start:
-        logger.truncate_after(start)
+        logger.truncate_after(start + 1)
     n_params = sum(q.numel() for q in model.parameters())
     bar = progress_bar(p.steps, f"pretrain ({n_params / 1e6:.2f}M params)", initial=start)
     timer, gen = Timer(), torch.Generator().manual_seed(cfg.seed + start)

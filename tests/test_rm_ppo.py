@@ -1,0 +1,182 @@
+"""Reward model and PPO at toy size: generated pairs, BT training above chance, the scorer as a
+reward source, PPO with both critics, and turn-level GAE checked by hand."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from steprl.config import LoraConfig, RunConfig
+from steprl.recipes import ppo, rm
+from steprl.recipes.evaluate import tool_setup
+from steprl.recipes.ppo_config import PPOConfig
+from steprl.recipes.rm_config import RMConfig
+from steprl.rewards import resolve_reward
+from steprl.rollout.episodes import Trajectory
+from steprl.tasks.base import Problem
+
+METRICS_PPO = {"step", "reward", "reward_std", "accuracy", "kl", "entropy", "loss", "learning_rate",
+               "grad_norm", "clip_ratio", "completions/mean_length", "completions/clipped_ratio",
+               "turns/mean", "tools/call_frequency", "tools/failure_frequency", "frac_reward_zero_std",
+               "step_time", "value_loss", "explained_variance"}
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def base(tiny, tmp_path_factory):
+    """The tiny fixture model saved as a checkpoint directory, the starting point of both stages."""
+    model, tok, _ = tiny
+    path = tmp_path_factory.mktemp("base")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def config(base, out, stage, **sections) -> RunConfig:
+    cfg = RunConfig(name="t", output_dir=str(out), stages=[stage], report_to=[])
+    cfg.model.name_or_path = base
+    cfg.doctor.enabled = False
+    for key, value in sections.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def rm_run(base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rm")
+    cfg = config(base, out, "rm", rm=RMConfig(n_pairs=32, n_test_pairs=24, epochs=2, batch_size=16,
+                                                learning_rate=1e-3, warmup_steps=2, use_margin=True,
+                                                center_rewards_coefficient=0.01, log_every=1))
+    return rm.run(cfg), out / "t" / "rm"
+
+
+def test_generated_pairs_are_deterministic_ranked_and_disjoint(tiny):
+    _, tok, task = tiny
+    tools, _, suffix = tool_setup(task, tok)
+    kinds = ["wrong_number", "wrong_answer", "missing_answer", "malformed_call"]
+    problems = task.problems("train", 12, seed=1)
+    train = rm.generated_pairs(task, tools, suffix, problems, kinds, seed=0)
+    again = rm.generated_pairs(task, tools, suffix, problems, kinds, seed=0)
+    test = rm.generated_pairs(task, tools, suffix, task.problems("test", 12), kinds, seed=1)
+    assert train == again and len(train) == 12
+    assert {p["kind"] for p in train} == set(kinds)
+    assert all(p["margin"] > 0 and p["chosen"][:2] == p["rejected"][:2] for p in train)
+    # replayed through the environment: chosen earns correct (1.0) + one successful call (0.1)
+    for problem, pair in zip(problems, train):
+        assert rm.rule_reward(task, tools, problem, pair["chosen"]) == pytest.approx(1.1)
+        assert rm.rule_reward(task, tools, problem, pair["rejected"]) == pytest.approx(1.1 - pair["margin"])
+    questions = lambda pairs: {p["chosen"][1]["content"] for p in pairs}  # noqa: E731
+    assert not questions(train) & questions(test)
+
+
+def test_jsonl_pairs_text_and_messages(tmp_path):
+    rows = [{"prompt": "2+2?", "chosen": "<answer>4</answer>", "rejected": "<answer>5</answer>", "margin": 1},
+            {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+             "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    pairs = rm.load_pairs(str(path))
+    assert pairs[0]["chosen"] == [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<answer>4</answer>"}]
+    assert pairs[0]["margin"] == 1.0 and pairs[1]["rejected"][-1]["content"] == "b" and pairs[1]["margin"] == 0.0
+    path.write_text(json.dumps({"prompt": "x", "chosen": "y"}))
+    with pytest.raises(ValueError, match="rejected"):
+        rm.load_pairs(str(path))
+
+
+def test_rm_learns_above_chance_and_scores(rm_run, tiny):
+    info, out = rm_run
+    assert info["eval"]["n"] == 24 and info["eval"]["accuracy"] > 0.6  # chance is 0.5
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert any("eval/accuracy" in r for r in rows) and all("step" in r for r in rows)
+    assert json.loads((out / "eval.json").read_text())["accuracy"] == info["eval"]["accuracy"]
+    ckpt = out / "checkpoint"
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / "tokenizer.json").is_file()
+    assert json.loads((ckpt / "config.json").read_text())["pad_token_id"] is not None
+    # the scorer: TRL signature, text or messages, and resolvable from a config entry
+    task = tiny[2]
+    p = task.problems("test", 1)[0]
+    name, scorer, weight = resolve_reward({"model": str(ckpt), "weight": 0.5})
+    assert name == "reward_model" and weight == 0.5
+    assert resolve_reward({"model": "rm"}, run_dir=out.parent)[1].model.config.num_labels == 1  # this run's rm
+    messages = task.solution_messages(p)
+    r_msgs = scorer([messages[:2]], [messages[2:]])
+    r_text = scorer([p.question], ["<answer>1</answer>"])
+    assert len(r_msgs) == len(r_text) == 1 and all(isinstance(x, float) for x in r_msgs + r_text)
+
+
+def test_rm_lora_saves_a_merged_model(base, tmp_path):
+    cfg = config(base, tmp_path, "rm", rm=RMConfig(n_pairs=8, n_test_pairs=4, epochs=1, batch_size=8,
+                                                   lora=LoraConfig(enabled=True, r=4, alpha=8)))
+    info = rm.run(cfg)
+    ckpt = Path(info["checkpoint"])
+    assert (ckpt / "model.safetensors").is_file() and not (ckpt / "adapter_config.json").exists()
+    assert len(rm.RewardModelScorer(str(ckpt))(["q"], ["a"])) == 1
+
+
+def hand_trajectory():
+    """Prompt, turn 0 (2 sampled tokens), 2 observation tokens, turn 1 (1 sampled token)."""
+    return Trajectory(Problem("p", "q", "1"), prompt_ids=[1, 2], ids=[10, 11, 50, 51, 12], mask=[1, 1, 0, 0, 1],
+                      logps=[-1.0, -1.0, 0.0, 0.0, -1.0], turn_index=[0, 0, -1, -1, 1], turn_rewards=[0.1, 1.0])
+
+
+def test_turn_level_gae_by_hand():
+    t = hand_trajectory()
+    # width 6: one padding column on the left; observation values (9.0) must play no part
+    values = torch.tensor([[0.0, 0.5, 0.6, 9.0, 9.0, 0.8]])
+    p = PPOConfig(credit="turn", gamma=0.9, gae_lambda=0.5)
+    adv, ret = ppo.advantages_and_returns([t], values, p)
+    # turn 1 (last token): delta = 1.0 + 0 - 0.8 = 0.2, A = 0.2
+    # end of turn 0: delta = 0.1 + 0.9 * 0.8 - 0.6 = 0.22, A = 0.22 + 0.9 * 0.5 * 0.2 = 0.31
+    # inside turn 0 (gamma = lambda = 1): delta = 0 + 0.6 - 0.5 = 0.1, A = 0.1 + 0.31 = 0.41
+    #   = r_0 + gamma V(s_1) - V_0 + gamma lambda A(s_1) = 0.1 + 0.72 - 0.5 + 0.09
+    assert adv[0].tolist() == pytest.approx([0, 0.41, 0.31, 0, 0, 0.2])
+    assert ret[0].tolist() == pytest.approx([0, 0.91, 0.91, 0, 0, 1.0])
+    # k1 KL in the reward, beta 0.5: token rewards [0 - 0.1, 0.1 + 0.05, 1.0 - 0.2] = [-0.1, 0.15, 0.8]
+    kl = torch.tensor([[0.0, 0.2, -0.1, 5.0, 5.0, 0.4]])
+    adv, _ = ppo.advantages_and_returns([t], values, p, kl=kl, kl_coef=0.5)
+    # A_2 = 0.8 - 0.8 = 0; A_1 = 0.15 + 0.72 - 0.6 = 0.27; A_0 = -0.1 + 0.6 - 0.5 + 0.27 = 0.27
+    assert adv[0].tolist() == pytest.approx([0, 0.27, 0.27, 0, 0, 0], abs=1e-6)
+    # truncation penalty -0.5 on the last token: A_2 = -0.3, A_1 = 0.22 - 0.135, A_0 = 0.1 + A_1
+    t.truncated = True
+    adv, _ = ppo.advantages_and_returns([t], values, PPOConfig(credit="turn", gamma=0.9, gae_lambda=0.5,
+                                                               truncation_penalty=-0.5))
+    assert adv[0].tolist() == pytest.approx([0, 0.185, 0.085, 0, 0, -0.3])
+
+
+def test_trajectory_credit_gae_by_hand_and_matches_algos():
+    t = hand_trajectory()
+    values = torch.tensor([[0.5, 0.6, 9.0, 9.0, 0.8]])
+    # R = 0.1 + 0.9 * 1.0 = 1.0 on the last token; token-level GAE with gamma 1, lambda 0.5:
+    # A_2 = 1.0 - 0.8 = 0.2; A_1 = 0.8 - 0.6 + 0.5 * 0.2 = 0.3; A_0 = 0.6 - 0.5 + 0.5 * 0.3 = 0.25
+    adv, ret = ppo.advantages_and_returns([t], values, PPOConfig(credit="trajectory", gamma=0.9, gae_lambda=0.5))
+    assert adv[0].tolist() == pytest.approx([0.25, 0.3, 0, 0, 0.2])
+    assert ret[0].tolist() == pytest.approx([0.75, 0.9, 0, 0, 1.0])
+    # one turn only: turn credit and trajectory credit coincide when lambda = 1
+    a1, _ = ppo.episode_gae([0.0, 0.0, 1.0], [0.2, 0.4, 0.6], [0, 0, 0], 0.9, 1.0, "turn")
+    a2, _ = ppo.episode_gae([0.0, 0.0, 1.0], [0.2, 0.4, 0.6], [0, 0, 0], 0.9, 1.0, "trajectory")
+    assert a1 == pytest.approx(a2) and a1 == pytest.approx([0.8, 0.6, 0.4])
+
+
+@pytest.mark.parametrize("critic", ["separate", "shared"])
+def test_ppo_two_steps(base, tmp_path, critic, rm_run):
+    shared = critic == "shared"
+    rm_ckpt = str(rm_run[1] / "checkpoint")
+    p = PPOConfig(steps=2, prompts_per_step=2, num_generations=2, max_new_tokens=8, max_turns=2,
+                  minibatch_size=4, critic=critic, credit="turn" if shared else "trajectory",
+                  kl_in_reward=not shared, adaptive_kl=shared, truncation_penalty=-0.1,
+                  lora=LoraConfig(enabled=shared, r=4, alpha=8))
+    p.reward.functions = [{"name": "accuracy"}, {"model": rm_ckpt, "weight": 0.1}]
+    info = ppo.run(config(base, tmp_path, "ppo", ppo=p))
+    out = tmp_path / "t" / "ppo"
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert METRICS_PPO <= set(rows[0]) and "rewards/reward_model/mean" in rows[0]
+    assert all(r["rewards/reward_model/failures"] == 0 for r in rows)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) and r["value_loss"] >= 0 for r in rows)
+    ckpt = Path(info["checkpoint"])
+    assert (ckpt / ("adapter_model.safetensors" if shared else "model.safetensors")).is_file()
+    assert (ckpt / ppo.VALUE_FILE).is_file() and (out / "done.json").is_file()
+    assert read_jsonl(out / "samples.jsonl")
