@@ -153,10 +153,7 @@ class CalcTask(Task):
         for p in self.problems("train", n_docs, seed=20_000 + seed):
             expr = p.meta["expression"]
             if rng.random() < 0.8:
-                numbers = [int(x) for x in expr.replace("(", " ").replace(")", " ").split() if x.isdigit()]
-                listed = ", ".join(map(str, numbers[:-1])) + (" and " if len(numbers) > 1 else "") + str(numbers[-1])
-                recap = f" The numbers are {listed}." if rng.random() < 0.5 else ""
-                docs.append(f"{p.question}{recap} We compute {expr} = {p.answer}. The answer is {p.answer}.")
+                docs.append(f"{p.question} We compute {expr} = {p.answer}. The answer is {p.answer}.")
             else:
                 a, b = _operand(rng), _operand(rng)
                 op = rng.choice("+-*")

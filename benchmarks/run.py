@@ -1,0 +1,648 @@
+#!/usr/bin/env python
+"""steprl's performance benchmark: our rollout engine and GRPO step against HF `generate` and TRL's
+`GRPOTrainer`, side by side in one process, with the compute roofline measured in the same run.
+
+    python benchmarks/run.py --json            # everything (SmolLM2-135M + tiny model, TRL if installed)
+    python benchmarks/run.py --quick --json    # smoke check: tiny model, batch 2, 4 tokens, 1 repeat
+
+Parts (docs/benchmarks.md has the method and the FLOP conventions):
+  1. roofline   GFLOP/s of a large fp32 matmul (median of several reps)
+  2. generation tokens/s of `steprl.rollout.sampling.generate` vs HF `model.generate(do_sample=True)`
+                on the same left-padded prompts, exactly the same number of new tokens per row
+  3. GRPO step  one `steprl.recipes.grpo.grpo_step` (4 prompts x 4 generations, <= 64 new tokens,
+                kl_coef 0.04), full fine-tuning and LoRA r16 on q,k,v,o
+  4. TRL        `trl.GRPOTrainer` with identical settings, timed per step (only if `import trl` works)
+  5. memory     peak RSS (getrusage ru_maxrss) of this process after our GRPO steps, and of children
+
+With --json the LAST line printed is one JSON object with gen_speedup_vs_hf,
+grpo_step_speedup_vs_trl (null when TRL is absent, with grpo_step_speedup_vs_trl_reason),
+gen_roofline_fraction, train_roofline_fraction, peak_rss_gb and the raw numbers.
+Progress goes to stderr, the table and the JSON line to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gc
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("STEPRL_NO_PROGRESS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+GB = 1e9  # decimal gigabytes: the 4 GB target is checked against 4e9 bytes
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def median(xs):
+    return statistics.median(xs) if xs else None
+
+
+def peak_rss_gb(who=resource.RUSAGE_SELF) -> float:
+    """ru_maxrss: kilobytes on Linux, bytes on macOS."""
+    r = resource.getrusage(who).ru_maxrss
+    return (r if sys.platform == "darwin" else r * 1024) / GB
+
+
+def free_memory() -> None:
+    gc.collect()
+
+
+# --------------------------------------------------------------------------------- 1. roofline
+
+def matmul_gflops(n: int, reps: int) -> dict:
+    """GFLOP/s of an fp32 [n, n] @ [n, n] matmul (2 n^3 FLOPs), median of `reps` after a warm-up."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
+    out = torch.empty(n, n)
+    torch.mm(a, b, out=out)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b, out=out)
+        times.append(time.perf_counter() - t)
+    gflops = [2 * n ** 3 / t / 1e9 for t in times]
+    return {"size": n, "reps": reps, "gflops": statistics.median(gflops), "gflops_all": gflops,
+            "threads": torch.get_num_threads()}
+
+
+# --------------------------------------------------------------------------------- FLOP counting
+
+def flop_params(model) -> dict:
+    """Parameters that take part in matmuls, each tensor once.
+
+    matmul: every nn.Linear weight (the LM head included; with tied embeddings the embedding IS the
+            LM head and is counted once; an untied input embedding is a lookup and is not counted);
+    head:   the LM head alone (its FLOPs are only needed on positions whose logits are used);
+    body:   matmul - head.
+    """
+    seen, matmul = set(), 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and id(m.weight) not in seen:
+            seen.add(id(m.weight))
+            matmul += m.weight.numel()
+    head_mod = model.get_output_embeddings()
+    head = head_mod.weight.numel() if head_mod is not None else 0
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return {"matmul": matmul, "head": head, "body": matmul - head, "total": total}
+
+
+def lora_params(model) -> int:
+    """Trainable adapter parameters (lora_A + lora_B)."""
+    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
+
+
+def grpo_step_flops(P: dict, trajs, group_size: int, kl: bool, lora: bool, P_A: int) -> dict:
+    """FLOPs of one GRPO step under two conventions (docs/benchmarks.md, "FLOP conventions").
+
+    simple (the issue's): every real (non-padding) token of every sequence, prompt included, costs
+      rollout 2(P + P_A) + reference 2P (if kl) + train: full 6P, LoRA 4P + 6 P_A.
+      Forward = 2P; backward = 2P for activation gradients + 2P for weight gradients, and the last
+      term only exists for trainable weights: LoRA drops it for the frozen base and adds the
+      adapters' own 2 + 2 + 2 P_A.
+    min_work: what any implementation has to compute: a group's shared prompt once per pass (not
+      once per generation), the LM head only where a log-prob or a sample is needed (completion
+      tokens), the body everywhere else. An engine that shares prefixes or skips the head can only
+      approach this; under "simple" it could exceed 100%.
+    """
+    p, pb, pa = P["matmul"], P["body"], P_A if lora else 0
+    train_full_tok = 6 * p if not lora else 4 * p + 6 * pa
+    train_body_tok = 6 * pb if not lora else 4 * pb + 6 * pa
+    per_tok_simple = 2 * (p + pa) + (2 * p if kl else 0) + train_full_tok
+    simple = sum((len(t.prompt_ids) + len(t.ids)) * per_tok_simple for t in trajs)
+    min_work = 0
+    for lo in range(0, len(trajs), group_size):
+        group = trajs[lo:lo + group_size]
+        shared = all(t.prompt_ids == group[0].prompt_ids for t in group)
+        prompt_count = 1 if shared else len(group)
+        lp = len(group[0].prompt_ids) if shared else sum(len(t.prompt_ids) for t in group) / len(group)
+        body_tok = 2 * (pb + pa) + (2 * pb if kl else 0) + train_body_tok
+        min_work += prompt_count * lp * body_tok
+        min_work += sum(len(t.ids) for t in group) * per_tok_simple
+    return {"simple": simple, "min_work": min_work}
+
+
+# --------------------------------------------------------------------------------- models
+
+def build_tiny(quick: bool):
+    """The embedded-style tiny Llama: a BPE tokenizer trained on the calc corpus, hidden 128, 4 layers.
+    Returns a factory giving a fresh (identically initialised) model and the shared tokenizer."""
+    from steprl.models.tiny import render_chatml, tiny_llama, train_tokenizer
+    from steprl.tasks.calc import CalcTask
+
+    task = CalcTask()
+    n_docs, n_proto = (200, 50) if quick else (2000, 300)
+    texts = task.pretrain_corpus(n_docs) + [render_chatml(m) for m in task.cold_start(n_proto)] * 4
+    tok = train_tokenizer(texts, vocab_size=1024)
+
+    def factory():
+        return tiny_llama(tok, hidden_size=128, num_layers=4, num_heads=4, seed=0).eval(), tok
+
+    return factory
+
+
+def smollm2_factory():
+    from steprl.models.hub import load_causal_lm
+
+    def factory():
+        return load_causal_lm("smollm2")
+
+    return factory
+
+
+def task_prompts(tokenizer, n: int):
+    """(prompt ids, chat messages, problems) of the first n calc training problems, rendered exactly
+    as a GRPO step renders them (system prompt + tool description for models that need it)."""
+    from steprl.config import RewardConfig
+    from steprl.recipes.evaluate import make_envs, tool_setup
+    from steprl.tasks import get_task
+
+    task = get_task("calc")
+    tools, renderer, suffix = tool_setup(task, tokenizer)
+    env = make_envs(task, tools, RewardConfig(), 1, 1, suffix)[0]
+    problems = task.problems("train", max(n, 1000), seed=0)[:n]
+    messages = [env.reset(p) for p in problems]
+    return [renderer.prompt_ids(m) for m in messages], messages, problems
+
+
+# --------------------------------------------------------------------------------- 2. generation
+
+class NoStop:
+    """StopChecker-compatible object that never ends a row: every row yields max_new_tokens tokens."""
+
+    stop_strings = ()
+
+    def is_eos(self, token: int) -> bool:
+        return False
+
+    def hits_stop_string(self, tokens) -> bool:
+        return False
+
+
+def bench_generation(name, model, tok, prompts, batch, new_tokens, repeats, peak_gflops, seed=0):
+    from steprl.rollout.sampling import SamplingParams, generate, left_pad
+
+    rows = [prompts[i % len(prompts)] for i in range(batch)]
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, top_p=1.0, top_k=0)
+    ids, mask, _ = left_pad(rows, tok.pad_token_id)
+
+    def ours():
+        gen = torch.Generator().manual_seed(seed)
+        tokens, _, _ = generate(model, tok, rows, params, stop=NoStop(), generator=gen)
+        assert all(len(t) == new_tokens for t in tokens), "ours: a row did not get max_new_tokens"
+
+    def hf():
+        torch.manual_seed(seed)
+        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0,
+                             top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id)
+        assert out.shape[1] - ids.shape[1] == new_tokens, "HF: not exactly max_new_tokens"
+
+    with torch.inference_mode():
+        ours(), hf()  # warm-up
+        t_ours, t_hf = [], []
+        for r in range(repeats):  # interleaved, alternating order: drift hits both equally
+            for which in ((ours, hf) if r % 2 == 0 else (hf, ours)):
+                t = time.perf_counter()
+                which()
+                (t_ours if which is ours else t_hf).append(time.perf_counter() - t)
+    P = flop_params(model)
+    n_new = batch * new_tokens
+    s_ours, s_hf = median(t_ours), median(t_hf)
+    prompt_tokens = sum(len(r) for r in rows)
+    prefill = 2 * P["body"] * prompt_tokens  # + the head once per row, ignored
+    peak = peak_gflops * 1e9
+    row = {
+        "model": name, "batch": batch, "new_tokens": new_tokens, "repeats": repeats,
+        "prompt_tokens_mean": prompt_tokens / batch, "padded_width": int(ids.shape[1]),
+        "params_matmul": P["matmul"],
+        "ours_seconds": s_ours, "hf_seconds": s_hf, "ours_seconds_all": t_ours, "hf_seconds_all": t_hf,
+        "ours_tok_s": n_new / s_ours, "hf_tok_s": n_new / s_hf, "speedup": s_hf / s_ours,
+        # the issue's convention: 2 x params per generated token (prefill not credited)
+        "ours_roofline_fraction": 2 * P["matmul"] * n_new / s_ours / peak,
+        "hf_roofline_fraction": 2 * P["matmul"] * n_new / s_hf / peak,
+        # the prefill credited too (real prompt tokens, not padding)
+        "ours_roofline_fraction_incl_prefill": (prefill + 2 * P["matmul"] * n_new) / s_ours / peak,
+        "hf_roofline_fraction_incl_prefill": (prefill + 2 * P["matmul"] * n_new) / s_hf / peak,
+    }
+    log(f"generation {name} batch {batch}: ours {row['ours_tok_s']:.1f} tok/s, "
+        f"HF {row['hf_tok_s']:.1f} tok/s, x{row['speedup']:.2f}")
+    return row
+
+
+# --------------------------------------------------------------------------------- 3. our GRPO step
+
+def grpo_settings(quick: bool) -> dict:
+    if quick:
+        return {"prompts": 2, "generations": 2, "max_new_tokens": 4}
+    return {"prompts": 4, "generations": 4, "max_new_tokens": 64}
+
+
+def bench_grpo_ours(name, factory, lora: bool, s: dict, repeats: int, peak_gflops: float,
+                    kl_coef: float = 0.04, lr: float = 1e-6, max_turns: int = 1) -> dict:
+    from steprl.config import LoraConfig, RunConfig, TaskConfig, validate
+    from steprl.models.loading import apply_lora
+    from steprl.monitor.autofix import Knobs
+    from steprl.recipes.evaluate import tool_setup
+    from steprl.recipes.grpo import grpo_step
+    from steprl.tasks import get_task
+
+    cfg = RunConfig(task=TaskConfig(name="calc"))
+    g = cfg.grpo
+    g.prompts_per_step, g.num_generations = s["prompts"], s["generations"]
+    g.max_new_tokens, g.max_turns, g.kl_coef = s["max_new_tokens"], max_turns, kl_coef
+    g.minibatch_size = s["prompts"] * s["generations"]  # one optimiser step per GRPO step, like TRL
+    g.micro_batch_size, g.num_iterations, g.learning_rate = 0, 1, lr
+    g.temperature, g.top_p, g.top_k = 1.0, 1.0, 0
+    g.lora = LoraConfig(enabled=lora, r=16, alpha=32, dropout=0.0, target_modules=list(LORA_TARGETS))
+    validate(cfg)
+
+    torch.manual_seed(cfg.seed)
+    model, tok = factory()
+    P = flop_params(model)
+    ref_model = None
+    if lora:
+        model = apply_lora(model, g.lora)
+    elif g.kl_coef > 0:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    P_A = lora_params(model) if lora else 0
+    task = get_task("calc")
+    tools, renderer, suffix = tool_setup(task, tok)
+    problems = task.problems("train", 1000, seed=0)
+    params = [q for q in model.parameters() if q.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=g.learning_rate, weight_decay=0.0)
+    knobs = Knobs(g.learning_rate, g.kl_coef, g.micro_batch_size or g.minibatch_size, g.num_generations,
+                  g.max_new_tokens, g.max_grad_norm, g.gradient_checkpointing)
+    generator, rng = torch.Generator().manual_seed(cfg.seed), random.Random(cfg.seed)
+
+    times, rollout, flops, lengths, prompt_lens = [], [], [], [], []
+    for step in range(1 + repeats):  # step 0 is the warm-up
+        t = time.perf_counter()
+        metrics, trajs = grpo_step(model, ref_model, tok, optimizer, params, task, tools, renderer,
+                                   suffix, problems, step, g, knobs, generator, rng)
+        dt = time.perf_counter() - t
+        log(f"grpo ours {name} {'lora' if lora else 'full'} step {step}{' (warm-up)' if step == 0 else ''}: "
+            f"{dt:.2f} s (rollout {metrics['rollout_time']:.2f} s)")
+        if step == 0:
+            continue
+        times.append(dt)
+        rollout.append(metrics["rollout_time"])
+        flops.append(grpo_step_flops(P, trajs, g.num_generations, kl_coef > 0, lora, P_A))
+        lengths.append(sum(len(t.ids) for t in trajs) / len(trajs))
+        prompt_lens.append(sum(len(t.prompt_ids) for t in trajs) / len(trajs))
+    rss = peak_rss_gb()
+    del model, ref_model, optimizer, params
+    free_memory()
+    peak, total_s = peak_gflops * 1e9, sum(times)
+    n_seq = s["prompts"] * s["generations"]
+    return {
+        "impl": "steprl", "model": name, "mode": "lora" if lora else "full", "repeats": repeats,
+        "step_seconds": median(times), "step_seconds_all": times, "rollout_seconds": median(rollout),
+        "mean_completion_tokens": statistics.mean(lengths), "mean_prompt_tokens": statistics.mean(prompt_lens),
+        "completion_tokens_per_s": statistics.mean(lengths) * n_seq * len(times) / total_s,
+        "params_matmul": P["matmul"], "params_lora": P_A, "max_turns": max_turns,
+        "step_flops_simple": statistics.mean(f["simple"] for f in flops),
+        "step_flops_min_work": statistics.mean(f["min_work"] for f in flops),
+        "roofline_fraction": sum(f["simple"] for f in flops) / total_s / peak,
+        "roofline_fraction_min_work": sum(f["min_work"] for f in flops) / total_s / peak,
+        "peak_rss_gb_after": rss,
+    }
+
+
+# --------------------------------------------------------------------------------- 4. TRL
+
+def trl_status() -> tuple[object, str | None]:
+    try:
+        import trl  # noqa: F401
+    except Exception as err:  # ImportError, or a broken install
+        return None, (f"TRL not importable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                      "install the benchmark extra: .venv/bin/pip install -e '.[bench]' (TRL 1.16)")
+    return trl, None
+
+
+def bench_grpo_trl(name, factory, lora: bool, s: dict, repeats: int, peak_gflops: float,
+                   kl_coef: float = 0.04, lr: float = 1e-6) -> dict:
+    """trl.GRPOTrainer with the settings of bench_grpo_ours: same prompts in the same order, same
+    group size and lengths, beta, fp32, no gradient checkpointing, one optimiser step per step."""
+    import trl
+    from datasets import Dataset
+    from peft import LoraConfig as PeftLoraConfig
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    from steprl.tasks.base import answers_match, extract_answer
+
+    model, tok = factory()
+    workdir = tempfile.mkdtemp(prefix="steprl-bench-trl-")
+    if not Path(str(model.config._name_or_path)).is_dir():
+        # TRL reloads the reference model from config._name_or_path: give it a real directory
+        model.save_pretrained(workdir + "/model")
+        tok.save_pretrained(workdir + "/model")
+        model = AutoModelForCausalLM.from_pretrained(workdir + "/model", dtype=torch.float32)
+    P = flop_params(model)
+    n_seq = s["prompts"] * s["generations"]
+    prompt_ids, messages, problems = task_prompts(tok, s["prompts"] * (repeats + 1))
+    dataset = Dataset.from_list([{"prompt": m, "answer": p.answer} for m, p in zip(messages, problems)])
+
+    def correctness(completions, answer, **kwargs):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return [1.0 if answers_match(extract_answer(t), a) else 0.0 for t, a in zip(texts, answer)]
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.begin, self.ends = None, []
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.begin = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.ends.append(time.perf_counter())
+            log(f"grpo trl {name} {'lora' if lora else 'full'} step {len(self.ends) - 1}"
+                f"{' (warm-up)' if len(self.ends) == 1 else ''}: "
+                f"{self.ends[-1] - (self.ends[-2] if len(self.ends) > 1 else self.begin):.2f} s")
+
+    want = dict(
+        output_dir=workdir + "/out", per_device_train_batch_size=n_seq, gradient_accumulation_steps=1,
+        num_generations=s["generations"], max_completion_length=s["max_new_tokens"], beta=kl_coef,
+        learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
+        temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0, num_iterations=1, epsilon=0.2,
+        loss_type="grpo", scale_rewards="group", max_steps=repeats + 1, logging_steps=1,
+        report_to="none", save_strategy="no", bf16=False, fp16=False, gradient_checkpointing=False,
+        use_cpu=True, shuffle_dataset=False, seed=0, disable_tqdm=True, dataloader_num_workers=0,
+        log_completions=False,
+    )
+    fields = {f.name for f in dataclasses.fields(trl.GRPOConfig)}
+    args = trl.GRPOConfig(**{k: v for k, v in want.items() if k in fields})
+    peft_config = None
+    if lora:
+        peft_config = PeftLoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(LORA_TARGETS),
+                                     task_type="CAUSAL_LM")
+    timer = StepTimer()
+    trainer = trl.GRPOTrainer(model=model, reward_funcs=[correctness], args=args, train_dataset=dataset,
+                              processing_class=tok, peft_config=peft_config, callbacks=[timer])
+    P_A = lora_params(trainer.model) if lora else 0
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    times = [b - a for a, b in zip(timer.ends, timer.ends[1:])]  # step 0 (warm-up) dropped
+    logs = [h for h in trainer.state.log_history if "completions/mean_length" in h]
+    lengths = [h["completions/mean_length"] for h in logs[1:]] or [h["completions/mean_length"] for h in logs]
+    mean_len = statistics.mean(lengths) if lengths else float(s["max_new_tokens"])
+    rss = peak_rss_gb()
+    del trainer, model
+    free_memory()
+    # FLOPs under the "simple" convention, with TRL's logged mean completion length (approximate)
+    mean_prompt = statistics.mean(len(p) for p in prompt_ids)
+    p, pa = P["matmul"], P_A
+    per_tok = 2 * (p + pa) + (2 * p if kl_coef > 0 else 0) + (4 * p + 6 * pa if lora else 6 * p)
+    flops = n_seq * (mean_prompt + mean_len) * per_tok
+    total_s = sum(times)
+    dropped = sorted(k for k in want if k not in fields)
+    return {
+        "impl": "trl", "trl_version": trl.__version__, "model": name, "mode": "lora" if lora else "full",
+        "repeats": len(times), "step_seconds": median(times), "step_seconds_all": times,
+        "mean_completion_tokens": mean_len, "mean_prompt_tokens": mean_prompt,
+        "completion_tokens_per_s": mean_len * n_seq * len(times) / total_s if total_s else None,
+        "params_matmul": P["matmul"], "params_lora": P_A,
+        "step_flops_simple": flops, "roofline_fraction": flops / (total_s / max(len(times), 1)) / (peak_gflops * 1e9)
+        if times else None,
+        "config_keys_not_in_this_trl": dropped, "peak_rss_gb_after": rss,
+    }
+
+
+# --------------------------------------------------------------------------------- report
+
+def machine_info() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for dist in ("torch", "transformers", "peft", "trl", "accelerate"):
+        try:
+            import importlib.metadata as md
+
+            versions[dist] = md.version(dist)
+        except Exception:
+            versions[dist] = None
+    try:
+        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
+    except (ValueError, OSError, AttributeError):
+        mem_gb = None
+    return {"cpu": cpu, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "memory_gb": mem_gb,
+            "python": platform.python_version(), "platform": platform.platform(), **versions}
+
+
+def fmt(x, spec=".2f"):
+    return "-" if x is None else format(x, spec)
+
+
+def print_table(res: dict) -> None:
+    mm = res["matmul"]
+    print(f"\nroofline: fp32 matmul {mm['size']}^3 -> {mm['gflops']:.1f} GFLOP/s "
+          f"(median of {mm['reps']}, {mm['threads']} threads)")
+    if res["generation"]:
+        r0 = res["generation"][0]
+        print(f"\ngeneration: {r0['new_tokens']} new tokens per row, temperature 1, top_p 1, "
+              f"median of {r0['repeats']} after a warm-up")
+        print(f"{'model':<9}{'batch':>6}{'prompt':>8}{'ours tok/s':>12}{'HF tok/s':>10}{'speedup':>9}"
+              f"{'ours roof':>11}{'HF roof':>9}{'ours roof+pre':>15}")
+        for r in res["generation"]:
+            print(f"{r['model']:<9}{r['batch']:>6}{r['prompt_tokens_mean']:>8.0f}{r['ours_tok_s']:>12.1f}"
+                  f"{r['hf_tok_s']:>10.1f}{r['speedup']:>9.2f}{r['ours_roofline_fraction']:>11.1%}"
+                  f"{r['hf_roofline_fraction']:>9.1%}{r['ours_roofline_fraction_incl_prefill']:>15.1%}")
+    if res["grpo"]:
+        s = res["settings"]["grpo"]
+        print(f"\nGRPO step: {s['prompts']} prompts x {s['generations']} generations, <= {s['max_new_tokens']} "
+              f"new tokens, beta {s['kl_coef']}, fp32, median of timed steps after a warm-up step")
+        print(f"{'impl':<8}{'model':<9}{'mode':<6}{'step s':>8}{'rollout s':>11}{'compl len':>11}"
+              f"{'compl tok/s':>13}{'roofline':>10}{'min-work':>10}{'RSS GB':>8}")
+        for r in res["grpo"]:
+            print(f"{r['impl']:<8}{r['model']:<9}{r['mode']:<6}{fmt(r['step_seconds']):>8}"
+                  f"{fmt(r.get('rollout_seconds')):>11}{fmt(r['mean_completion_tokens'], '.1f'):>11}"
+                  f"{fmt(r['completion_tokens_per_s'], '.1f'):>13}{fmt(r['roofline_fraction'], '.1%'):>10}"
+                  f"{fmt(r.get('roofline_fraction_min_work'), '.1%'):>10}{fmt(r['peak_rss_gb_after']):>8}")
+    for err in res["errors"]:
+        print(f"error: {err}")
+    h = res
+    print(f"\nheadline: generation x{fmt(h['gen_speedup_vs_hf'])} vs HF ({h['gen_headline']}), "
+          f"{fmt(h['gen_roofline_fraction'], '.1%')} of roofline; GRPO step "
+          f"x{fmt(h['grpo_step_speedup_vs_trl'])} vs TRL"
+          f"{' (' + h['grpo_step_speedup_vs_trl_reason'] + ')' if h.get('grpo_step_speedup_vs_trl_reason') else ''}, "
+          f"{fmt(h['train_roofline_fraction'], '.1%')} of roofline; peak RSS {fmt(h['peak_rss_gb'])} GB\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke check: tiny model only, batch 2, 4 new tokens, 1 repeat, 2x2 GRPO")
+    ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    ap.add_argument("--skip-trl", action="store_true", help="do not run TRL's GRPOTrainer")
+    ap.add_argument("--skip-smollm2", action="store_true", help="tiny model only (GRPO on the tiny model)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats (median), after one warm-up")
+    ap.add_argument("--batches", default="16,64", help="generation batch sizes")
+    ap.add_argument("--new-tokens", type=int, default=64, help="new tokens per row in the generation part")
+    ap.add_argument("--matmul-size", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0 = torch's default, all cores; --quick uses 1)")
+    ap.add_argument("--grpo-max-turns", type=int, default=1,
+                    help="our GRPO step's max_turns (1 = single turn, like TRL)")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.skip_smollm2, a.repeats, a.batches, a.new_tokens = True, 1, "2", 4
+        a.matmul_size = min(a.matmul_size, 1024)
+        a.threads = a.threads or 1  # a smoke check: light on a shared machine, immune to oversubscription
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if load_start is not None and load_start > 0.5 and not a.quick:
+        log(f"warning: load average {load_start:.2f} at start: other processes share the CPU, timings "
+            "will be slow and noisy (2 torch threads on 2 busy cores can be 10x slower)")
+    batches = [int(b) for b in a.batches.split(",") if b]
+    t_start = time.perf_counter()
+    errors: list[str] = []
+
+    log(f"matmul roofline ({a.matmul_size}^3)")
+    mm = matmul_gflops(a.matmul_size, 3 if a.quick else 7)
+    log(f"matmul: {mm['gflops']:.1f} GFLOP/s")
+
+    models = []  # (name, factory)
+    log("building the tiny model (tokenizer trained on the calc corpus)")
+    models.append(("tiny", build_tiny(a.quick)))
+    if not a.skip_smollm2:
+        try:
+            from steprl.models.hub import resolve_model_path
+
+            resolve_model_path("smollm2")
+            models.insert(0, ("smollm2", smollm2_factory()))
+        except Exception as err:
+            errors.append(f"smollm2 unavailable, skipped: {type(err).__name__}: {err}")
+            log(errors[-1])
+
+    # 2. generation
+    gen_rows = []
+    for name, factory in models:
+        model, tok = factory()
+        prompts, _, _ = task_prompts(tok, max(batches))
+        for b in batches:
+            gen_rows.append(bench_generation(name, model, tok, prompts, b, a.new_tokens, a.repeats, mm["gflops"]))
+        del model
+        free_memory()
+    rss_after_gen = peak_rss_gb()
+
+    # 3. our GRPO step (LoRA first: ru_maxrss only grows, so each reading bounds that part's peak)
+    s = grpo_settings(a.quick)
+    grpo_name, grpo_factory = models[0]
+    grpo_rows = []
+    for lora in (True, False):
+        try:
+            grpo_rows.append(bench_grpo_ours(grpo_name, grpo_factory, lora, s, a.repeats, mm["gflops"],
+                                             max_turns=a.grpo_max_turns))
+        except Exception as err:
+            errors.append(f"our GRPO step ({'lora' if lora else 'full'}) failed: {type(err).__name__}: {err}")
+            log(errors[-1] + "\n" + traceback.format_exc())
+        free_memory()
+    rss_after_ours = peak_rss_gb()
+
+    # 4. TRL
+    trl_reason = None
+    if a.skip_trl:
+        trl_reason = "skipped (--skip-trl)"
+    else:
+        trl, trl_reason = trl_status()
+        if trl is not None:
+            for lora in (True, False):
+                try:
+                    grpo_rows.append(bench_grpo_trl(grpo_name, grpo_factory, lora, s, a.repeats, mm["gflops"]))
+                except Exception as err:
+                    msg = f"TRL GRPOTrainer ({'lora' if lora else 'full'}) failed: {type(err).__name__}: {err}"
+                    errors.append(msg)
+                    log(msg + "\n" + traceback.format_exc())
+                free_memory()
+        else:
+            log(trl_reason)
+
+    # headline numbers
+    def pick(rows, model):
+        mine = [r for r in rows if r["model"] == model]
+        return max(mine, key=lambda r: r["batch"]) if mine else None
+
+    head = pick(gen_rows, "smollm2") or pick(gen_rows, "tiny")
+    ours = {r["mode"]: r for r in grpo_rows if r["impl"] == "steprl"}
+    theirs = {r["mode"]: r for r in grpo_rows if r["impl"] == "trl"}
+    speedups = {m: theirs[m]["step_seconds"] / ours[m]["step_seconds"] for m in ours
+                if m in theirs and theirs[m]["step_seconds"] and ours[m]["step_seconds"]}
+    if not speedups and trl_reason is None:
+        trl_reason = "TRL ran but produced no comparable step time (see errors)"
+    fractions = [r["roofline_fraction"] for r in ours.values()]
+    result = {
+        "gen_speedup_vs_hf": head["speedup"] if head else None,
+        "grpo_step_speedup_vs_trl": min(speedups.values()) if speedups else None,
+        "grpo_step_speedup_vs_trl_reason": None if speedups else trl_reason,
+        "gen_roofline_fraction": head["ours_roofline_fraction"] if head else None,
+        "train_roofline_fraction": min(fractions) if fractions else None,
+        "peak_rss_gb": rss_after_ours,
+        "gen_headline": f"{head['model']} batch {head['batch']}" if head else None,
+        "grpo_model": grpo_name,
+        "grpo_step_speedup_vs_trl_full": speedups.get("full"),
+        "grpo_step_speedup_vs_trl_lora": speedups.get("lora"),
+        "train_roofline_fraction_full": ours.get("full", {}).get("roofline_fraction"),
+        "train_roofline_fraction_lora": ours.get("lora", {}).get("roofline_fraction"),
+        "train_roofline_fraction_min_work": min((r["roofline_fraction_min_work"] for r in ours.values()),
+                                                default=None),
+        "matmul_gflops": mm["gflops"],
+        "gen_tok_s": {f"{r['model']}/b{r['batch']}": {"ours": r["ours_tok_s"], "hf": r["hf_tok_s"]}
+                      for r in gen_rows},
+        "grpo_step_seconds": {f"{r['impl']}/{r['mode']}": r["step_seconds"] for r in grpo_rows},
+        "peak_rss_gb_after_generation": rss_after_gen,
+        "peak_rss_gb_after_grpo_lora": ours.get("lora", {}).get("peak_rss_gb_after"),
+        "peak_rss_gb_after_grpo_full": ours.get("full", {}).get("peak_rss_gb_after"),
+        "peak_rss_gb_process": peak_rss_gb(),
+        "peak_rss_gb_children": peak_rss_gb(resource.RUSAGE_CHILDREN),
+        "matmul": mm,
+        "generation": gen_rows,
+        "grpo": grpo_rows,
+        "settings": {"quick": a.quick, "repeats": a.repeats, "batches": batches, "new_tokens": a.new_tokens,
+                     "grpo": {**s, "kl_coef": 0.04, "max_turns": a.grpo_max_turns, "lora_r": 16,
+                              "lora_targets": LORA_TARGETS, "learning_rate": 1e-6}},
+        "machine": {**machine_info(), "loadavg_start": load_start,
+                    "loadavg_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
+        "errors": errors,
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+    print_table(result)
+    if a.json:
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
