@@ -55,13 +55,13 @@ def _resolve_eval_model(path: str) -> str:
     p = Path(path)
     summary = p / "summary.json"
     if summary.is_file():
-        stages = json.loads(summary.read_text())["stages"]
+        stages = [s for s in json.loads(summary.read_text())["stages"] if s["name"] != "rm"]
         return str(p / stages[-1]["name"] / "checkpoint")
     if (p / "config.yaml").is_file() and not (p / "checkpoint").is_dir():
         import yaml
 
         stages = yaml.safe_load((p / "config.yaml").read_text()).get("stages", [])
-        done = [s for s in stages if (p / s / "checkpoint").is_dir()]
+        done = [s for s in stages if s != "rm" and (p / s / "checkpoint").is_dir()]
         if done:
             return str(p / done[-1] / "checkpoint")
     return path

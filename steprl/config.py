@@ -139,6 +139,12 @@ class DoctorConfig:
     auto_fix: bool = False
 
 
+# The rm and ppo stage configs live beside their recipes. Imported here, after LoraConfig and
+# RewardConfig (which they use), so either module can be imported first.
+from steprl.recipes.ppo_config import PPOConfig  # noqa: E402
+from steprl.recipes.rm_config import CORRUPTIONS, RMConfig  # noqa: E402
+
+
 @dataclass
 class RunConfig:
     name: str = "run"
@@ -153,6 +159,8 @@ class RunConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     doctor: DoctorConfig = field(default_factory=DoctorConfig)
 
@@ -251,8 +259,31 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"grpo.top_p: must be in (0, 1], got {g.top_p}")
     if not 0 <= g.gamma <= 1:
         raise ConfigError(f"grpo.gamma: must be in [0, 1], got {g.gamma}")
+    p, r = cfg.ppo, cfg.rm
+    positive = {"ppo.steps": p.steps, "ppo.prompts_per_step": p.prompts_per_step,
+                "ppo.num_generations": p.num_generations, "ppo.max_new_tokens": p.max_new_tokens,
+                "ppo.max_turns": p.max_turns, "ppo.num_iterations": p.num_iterations,
+                "ppo.minibatch_size": p.minibatch_size, "rm.epochs": r.epochs, "rm.batch_size": r.batch_size,
+                "rm.max_length": r.max_length, "rm.eval_batch_size": r.eval_batch_size}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if not r.data and r.n_pairs < 1:
+        raise ConfigError(f"rm.n_pairs: must be >= 1 when rm.data is not set, got {r.n_pairs}")
+    bad = [c for c in r.corruptions if c not in CORRUPTIONS]
+    if bad or not r.corruptions:
+        raise ConfigError(f"rm.corruptions: unknown or empty {bad or r.corruptions} (allowed: {', '.join(CORRUPTIONS)})")
+    for key, value in {"ppo.gamma": p.gamma, "ppo.gae_lambda": p.gae_lambda}.items():
+        if not 0 <= value <= 1:
+            raise ConfigError(f"{key}: must be in [0, 1], got {value}")
+    if p.temperature <= 0:
+        raise ConfigError(f"ppo.temperature: must be > 0, got {p.temperature}")
+    if p.adaptive_kl and not (p.target_kl > 0 and p.kl_horizon > 0):
+        raise ConfigError("ppo.target_kl and ppo.kl_horizon: must be > 0 with ppo.adaptive_kl")
+    if p.kl_coef < 0 or p.vf_coef < 0 or p.value_clip <= 0:
+        raise ConfigError("ppo.kl_coef and ppo.vf_coef must be >= 0 and ppo.value_clip > 0")
     for key, lr in {"pretrain": cfg.pretrain.learning_rate, "sft": cfg.sft.learning_rate,
-                    "grpo": g.learning_rate}.items():
+                    "grpo": g.learning_rate, "ppo": p.learning_rate, "rm": r.learning_rate}.items():
         if not lr > 0:
             raise ConfigError(f"{key}.learning_rate: must be > 0, got {lr}")
     return cfg

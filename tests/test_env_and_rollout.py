@@ -111,3 +111,18 @@ def test_observation_tokens_get_no_advantage(tiny):
         assert all(a == 0.0 for a, m in zip(row, t.mask) if not m)
     # (1 - 0.5) / (std([1, 0]) + 1e-4) with Bessel std sqrt(0.5)
     assert abs(adv[0, -1].item() - 0.5 / (0.5 ** 0.5 + 1e-4)) < 1e-5
+
+
+def test_logprobs_at_sampling_temperature_match(tiny):
+    """With T != 1 the loss must score tokens under softmax(logits / T), like the sampler did."""
+    model, tok, task = tiny
+    problems = task.problems("train", 3)
+    envs = [env_for(task) for _ in problems]
+    trajs = run_episodes(model, tok, envs, problems, SamplingParams(max_new_tokens=8, temperature=0.7),
+                         generator=torch.Generator().manual_seed(2))
+    logp, _ = completion_logprobs(model, trajs, temperature=0.7)
+    width = logp.shape[1]
+    for i, t in enumerate(trajs):
+        for f, old, m in zip(logp[i, width - len(t.ids):].tolist(), t.logps, t.mask):
+            if m:
+                assert abs(f - old) < 1e-4

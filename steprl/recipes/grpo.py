@@ -31,6 +31,7 @@ from steprl.recipes.common import (Timer, cosine_lr, load_state, mark_done, prog
                                    set_lr, setup_torch, stage_dir)
 from steprl.recipes.evaluate import make_envs, tool_setup
 from steprl.recipes.sft import previous_checkpoint
+from steprl.rewards import add_final_rewards, resolve_rewards
 from steprl.rollout.episodes import Trajectory, run_episodes
 from steprl.rollout.sampling import SamplingParams, left_pad
 from steprl.tasks import get_task
@@ -47,8 +48,9 @@ def right_aligned(rows: list[list], width: int, fill=0, dtype=torch.float32) -> 
     return out
 
 
-def completion_logprobs(model, trajs: list[Trajectory], with_entropy: bool = False):
-    """Log-probs of every completion token, [B, K] right-aligned, K = longest completion.
+def completion_logprobs(model, trajs: list[Trajectory], with_entropy: bool = False, temperature: float = 1.0):
+    """Log-probs of every completion token under softmax(logits / T), [B, K] right-aligned,
+    K = longest completion. T must be the sampling temperature, so that the first ratio is 1.
 
     Sequences are left-padded so that all completions end at the last column; the LM head only
     runs on the last K+1 positions (`logits_to_keep`), not on the prompts.
@@ -56,7 +58,7 @@ def completion_logprobs(model, trajs: list[Trajectory], with_entropy: bool = Fal
     width = max(len(t.ids) for t in trajs)
     ids, attn, pos = left_pad([t.prompt_ids + t.ids for t in trajs], pad_id=0)
     logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=width + 1).logits
-    logits = logits[:, :-1].float()
+    logits = logits[:, :-1].float() / temperature
     targets = right_aligned([t.ids for t in trajs], width, dtype=torch.long)
     logp = token_logprobs(logits, targets)
     entropy = entropy_from_logits(logits.detach()) if with_entropy else None
@@ -94,7 +96,7 @@ def sample_record(tokenizer, t: Trajectory, step: int) -> dict:
 
 def policy_loss(model, mb, cols, mask, advantages, old_logp, ref_logp, g, knobs, scale: float):
     """Loss of one micro-batch (already scaled for gradient accumulation) and its statistics."""
-    logp, entropy = completion_logprobs(model, mb, with_entropy=True)
+    logp, entropy = completion_logprobs(model, mb, with_entropy=True, temperature=g.temperature)
     m, a, old = mask[:, cols], advantages[:, cols], old_logp[:, cols]
     per_token = clipped_surrogate(logp, old, a, g.epsilon, clip_eps_high=g.epsilon_high)
     kl = torch.zeros_like(logp)
@@ -136,6 +138,7 @@ def run(cfg: RunConfig) -> dict:
     task = get_task(cfg.task.name, **cfg.task.args)
     tools, renderer, suffix = tool_setup(task, tokenizer)
     problems = task.problems("train", max(g.steps * g.prompts_per_step, 1000), seed=cfg.seed)
+    reward_fns = resolve_rewards(g.reward.functions, run_dir=cfg.run_dir)  # rules and/or {model: rm}
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=g.learning_rate, weight_decay=0.0)
     knobs = Knobs(g.learning_rate, g.kl_coef, g.micro_batch_size or g.minibatch_size, g.num_generations,
@@ -165,7 +168,7 @@ def run(cfg: RunConfig) -> dict:
             model.gradient_checkpointing_enable()
         try:
             metrics, trajs = grpo_step(model, ref_model, tokenizer, optimizer, params, task, tools, renderer,
-                                       suffix, problems, step, g, knobs, generator, rng)
+                                       suffix, problems, step, g, knobs, generator, rng, reward_fns)
         except (torch.OutOfMemoryError, MemoryError) as err:
             # Nothing was applied: log it, let the doctor pick smaller settings, retry the step.
             optimizer.zero_grad(set_to_none=True)
@@ -205,7 +208,7 @@ def run(cfg: RunConfig) -> dict:
 
 
 def grpo_step(model, ref_model, tokenizer, optimizer, params, task, tools, renderer, suffix, problems,
-              step, g, knobs, generator, rng) -> tuple[dict, list[Trajectory]]:
+              step, g, knobs, generator, rng, reward_fns=()) -> tuple[dict, list[Trajectory]]:
     """One GRPO step (rollout, advantages, updates); returns its metrics and trajectories."""
     timer = Timer()
     # 1. rollout: G episodes per prompt, consecutive blocks share a prompt
@@ -220,6 +223,7 @@ def grpo_step(model, ref_model, tokenizer, optimizer, params, task, tools, rende
     rollout_seconds = timer.seconds
 
     # 2-3. rewards -> per-token advantages; the sampling log-probs are the old log-probs
+    reward_metrics = add_final_rewards(reward_fns, trajs)  # r_{T-1} += sum_f w_f f(...): functions, RM
     rewards = torch.tensor([t.reward for t in trajs])
     width = max(len(t.ids) for t in trajs)
     advantages = token_advantages(trajs, g, width)
@@ -230,9 +234,9 @@ def grpo_step(model, ref_model, tokenizer, optimizer, params, task, tools, rende
         with torch.no_grad():
             if is_peft(model):
                 with model.disable_adapter():
-                    ref_logp = batched_logprobs(model, trajs, knobs.micro_batch_size)
+                    ref_logp = batched_logprobs(model, trajs, knobs.micro_batch_size, g.temperature)
             else:
-                ref_logp = batched_logprobs(ref_model, trajs, knobs.micro_batch_size)
+                ref_logp = batched_logprobs(ref_model, trajs, knobs.micro_batch_size, g.temperature)
 
     # 4-5. clipped policy-gradient updates, micro-batches accumulated into minibatches
     model.train()
@@ -283,6 +287,7 @@ def grpo_step(model, ref_model, tokenizer, optimizer, params, task, tools, rende
         "tools/failure_frequency": sum(t.n_tool_failures for t in trajs) / max(1, n_calls),
         "frac_reward_zero_std": (groups.std(dim=1) < 1e-6).float().mean().item(),
         "format": sum(t.answered for t in trajs) / n,
+        **reward_metrics,
         "rollout_time": rollout_seconds,
     }
     if skipped:
@@ -291,13 +296,13 @@ def grpo_step(model, ref_model, tokenizer, optimizer, params, task, tools, rende
 
 
 @torch.no_grad()
-def batched_logprobs(model, trajs: list[Trajectory], batch_size: int) -> torch.Tensor:
+def batched_logprobs(model, trajs: list[Trajectory], batch_size: int, temperature: float = 1.0) -> torch.Tensor:
     """Log-probs of all completions, [N, K] right-aligned with K the longest in the whole batch."""
     width = max(len(t.ids) for t in trajs)
     out = torch.zeros(len(trajs), width)
     for lo in range(0, len(trajs), batch_size):
         mb = trajs[lo:lo + batch_size]
-        logp, _ = completion_logprobs(model, mb)
+        logp, _ = completion_logprobs(model, mb, temperature=temperature)
         out[lo:lo + len(mb), width - logp.shape[1]:] = logp
     return out
 

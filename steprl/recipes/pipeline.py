@@ -14,9 +14,9 @@ from steprl.recipes.common import done_info, setup_torch, stage_dir
 
 
 def stage_runner(stage: str):
-    from steprl.recipes import grpo, pretrain, sft
+    from steprl.recipes import grpo, ppo, pretrain, rm, sft
 
-    runners = {"pretrain": pretrain.run, "sft": sft.run, "grpo": grpo.run}
+    runners = {"pretrain": pretrain.run, "sft": sft.run, "rm": rm.run, "grpo": grpo.run, "ppo": ppo.run}
     if stage not in runners:
         raise NotImplementedError(f"stage '{stage}' is not available yet")
     return runners[stage]
@@ -28,9 +28,11 @@ def evaluate_stage(cfg: RunConfig, stage: str) -> dict:
     from steprl.tasks import get_task
 
     out = stage_dir(cfg, stage)
-    cached = out / "eval.json"
+    cached = out / "eval.json"  # the rm stage writes its pairwise accuracy here itself
     if cached.is_file():
         return json.loads(cached.read_text())
+    if stage == "rm":
+        return {"accuracy": 0.0, "n": 0}
     model, tokenizer = load_policy(str(out / "checkpoint"))
     e = cfg.eval
     metrics, trajs = evaluate(model, tokenizer, get_task(cfg.task.name, **cfg.task.args), e.split, e.limit,
@@ -58,7 +60,9 @@ def run_stage(cfg: RunConfig, stage: str) -> dict:
         t0 = time.perf_counter()
         row["eval"] = evaluate_stage(cfg, stage)
         row["eval_seconds"] = time.perf_counter() - t0
-        print(f"{stage}: held-out accuracy {row['eval']['accuracy']:.3f} on {row['eval']['n']} problems")
+        what = "pairwise accuracy" if stage == "rm" else "held-out accuracy"
+        unit = "pairs" if stage == "rm" else "problems"
+        print(f"{stage}: {what} {row['eval']['accuracy']:.3f} on {row['eval']['n']} {unit}")
     return row
 
 

@@ -90,14 +90,15 @@ class Critic(torch.nn.Module):
         return self.head(completion_hidden(self.trunk, trajs))
 
 
-def policy_forward(model, trajs, head=None):
-    """(log-probs, entropy, values or None), each [B, K]; with a shared head one trunk pass gives all."""
+def policy_forward(model, trajs, head=None, temperature: float = 1.0):
+    """(log-probs, entropy, values or None), each [B, K], log-probs under softmax(logits / T);
+    with a shared head one trunk pass gives all."""
     if head is None:
-        logp, entropy = completion_logprobs(model, trajs, with_entropy=True)
+        logp, entropy = completion_logprobs(model, trajs, with_entropy=True, temperature=temperature)
         return logp, entropy, None
     base = model.get_base_model() if is_peft(model) else model
     hidden = completion_hidden(base.get_decoder(), trajs)
-    logits = base.get_output_embeddings()(hidden).float()
+    logits = base.get_output_embeddings()(hidden).float() / temperature
     targets = right_aligned([t.ids for t in trajs], hidden.shape[1], dtype=torch.long)
     return token_logprobs(logits, targets), entropy_from_logits(logits.detach()), head(hidden)
 
@@ -238,9 +239,9 @@ def run(cfg: RunConfig) -> dict:
             with torch.no_grad():
                 if is_peft(model):
                     with model.disable_adapter():
-                        ref_logp = batched_logprobs(model, trajs, p.minibatch_size)
+                        ref_logp = batched_logprobs(model, trajs, p.minibatch_size, p.temperature)
                 else:
-                    ref_logp = batched_logprobs(ref_model, trajs, p.minibatch_size)
+                    ref_logp = batched_logprobs(ref_model, trajs, p.minibatch_size, p.temperature)
         old_values = batched(critic if critic is not None else (lambda mb: policy_forward(model, mb, head)[2]),
                              trajs, p.minibatch_size)
 
@@ -262,7 +263,7 @@ def run(cfg: RunConfig) -> dict:
                 idx = order[lo:lo + p.minibatch_size]
                 mb = [trajs[i] for i in idx]
                 cols = slice(width - max(len(t.ids) for t in mb), width)
-                logp, entropy, values = policy_forward(model, mb, head)
+                logp, entropy, values = policy_forward(model, mb, head, p.temperature)
                 if critic is not None:
                     values = critic(mb)
                 m, a, old = mask[idx, cols], advantages[idx, cols], old_logp[idx, cols]
