@@ -70,5 +70,7 @@ class Task:
     def cold_start(self, n: int, seed: int = 0) -> list[list[dict]]:
         raise NotImplementedError(f"task '{self.name}' has no cold-start trajectories")
 
-    def pretrain_corpus(self, n_docs: int, seed: int = 0) -> list[str]:
+    def pretrain_corpus(self, n_docs: int, seed: int = 0) -> list[str | list[dict]]:
+        """Documents: plain strings, or chats (lists of messages) that the pretrain stage renders
+        with the model's own chat template."""
         raise NotImplementedError(f"task '{self.name}' has no pretraining corpus")

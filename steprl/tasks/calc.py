@@ -146,14 +146,21 @@ class CalcTask(Task):
     def cold_start(self, n: int, seed: int = 0) -> list[list[dict]]:
         return [self.solution_messages(p) for p in self.problems("train", n, seed=10_000 + seed)]
 
-    def pretrain_corpus(self, n_docs: int, seed: int = 0) -> list[str]:
-        """Plain text about numbers and arithmetic: worked stories and number facts (no tool protocol)."""
+    def pretrain_corpus(self, n_docs: int, seed: int = 0) -> list[str | list[dict]]:
+        """Text about numbers and arithmetic: worked stories (as prose, or as a user/assistant chat
+        answered in words), and number facts. No tools and no tool protocol: calling the
+        calculator is what cold-start SFT teaches."""
         rng = random.Random(f"calc/pretrain/{seed}")
         docs = []
         for p in self.problems("train", n_docs, seed=20_000 + seed):
             expr = p.meta["expression"]
-            if rng.random() < 0.8:
-                docs.append(f"{p.question} We compute {expr} = {p.answer}. The answer is {p.answer}.")
+            solution = f"We compute {expr} = {p.answer}. The answer is {p.answer}."
+            roll = rng.random()
+            if roll < 0.4:
+                docs.append(f"{p.question} {solution}")
+            elif roll < 0.8:  # the same worked solution as a chat, rendered by the model's template
+                docs.append([{"role": "user", "content": p.question},
+                             {"role": "assistant", "content": f"{solution} <answer>{p.answer}</answer>"}])
             else:
                 a, b = _operand(rng), _operand(rng)
                 op = rng.choice("+-*")
