@@ -21,8 +21,10 @@ CHATML_TEMPLATE = (
 )
 
 
-def train_tokenizer(texts: list[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """Byte-level BPE with single-digit pre-tokenisation, wrapped for transformers."""
+def train_tokenizer(texts: list, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """Byte-level BPE with single-digit pre-tokenisation, wrapped for transformers.
+    `texts` are strings or chats (lists of messages, rendered as ChatML)."""
+    texts = [t if isinstance(t, str) else render_chatml(t) for t in texts]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),

@@ -35,8 +35,7 @@ def build_model(cfg: RunConfig, task, docs: list[str]):
         return load_policy(cfg.model.name_or_path)
     # The tokenizer sees the tool protocol too, so calls and answers become a few tokens each.
     protocol = [render_chatml(m) for m in task.cold_start(min(500, len(docs)), seed=cfg.seed + 99)]
-    texts = [d if isinstance(d, str) else render_chatml(d) for d in docs[:20000]]
-    tokenizer = train_tokenizer(texts + protocol * 4, vocab_size=cfg.model.vocab_size)
+    tokenizer = train_tokenizer(docs[:20000] + protocol * 4, vocab_size=cfg.model.vocab_size)
     m = cfg.model
     model = tiny_llama(tokenizer, hidden_size=m.hidden_size, num_layers=m.num_layers, num_heads=m.num_heads,
                        max_position_embeddings=m.max_position_embeddings, seed=cfg.seed)
