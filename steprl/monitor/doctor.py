@@ -199,8 +199,9 @@ def rule_kl_explosion(h: _History, final: bool) -> list[Finding]:
     steps, kl = h.get("kl")
     if len(kl) < 2:
         return []
-    need = min(3, len(kl))
     for sev, thr in (("critical", KL_CRITICAL), ("warning", KL_WARNING)):
+        # two logged steps above 0.5 are an explosion (live and post-hoc alike); a warning needs three
+        need = min(2 if sev == "critical" else 3, len(kl))
         runs = [r for r in _runs(kl > thr) if r[1] >= need]
         if not runs:
             continue

@@ -149,6 +149,8 @@ def run(cfg: RunConfig) -> dict:
         start = state["step"]
         knobs = Knobs(**state["extra"]["knobs"])
     fixer = AutoFixer(model, knobs) if cfg.doctor.auto_fix else None
+    if fixer is not None:
+        fixer.snapshot(start)  # the starting weights are the first known-good state to roll back to
     context = {"learning_rate": knobs.learning_rate, "kl_coef": knobs.kl_coef, "num_generations": g.num_generations,
                "per_device_batch_size": knobs.micro_batch_size, "max_new_tokens": g.max_new_tokens}
     logger = MetricsLogger(out, "grpo", report_to=cfg.report_to, doctor_context=context,
