@@ -20,7 +20,7 @@ def test_kl_explosion_lowers_lr_raises_kl_and_rolls_back():
                 {"learning_rate": 1e-5, "kl_coef": 0.1, "rollback": True})
     actions = fx.apply([f], step=5)
     assert fx.knobs.learning_rate == 1e-5 and fx.knobs.kl_coef == 0.1
-    assert torch.equal(model.weight, good)
+    assert torch.equal(model.weight, good) and fx.rolled_back
     assert len(actions) == 1 and actions[0].severity == "info"
     assert "learning_rate 5e-05 -> 1e-05" in actions[0].evidence and "step 3" in actions[0].evidence
 

@@ -35,6 +35,7 @@ class AutoFixer:
         self.kl = AdaptiveKLController(max(knobs.kl_coef, 1e-3), kl_target, kl_horizon)
         self.good: dict | None = None
         self.good_step = 0
+        self.rolled_back = False  # the trainer resets its optimiser state when this is set
 
     def snapshot(self, step: int) -> None:
         """Remember the trainable weights of a healthy step, for rollback."""
@@ -74,6 +75,7 @@ class AutoFixer:
             if "kl_coef" in f.fix:
                 self.kl.value = self.knobs.kl_coef
             if f.fix.get("rollback") and self.rollback():
+                self.rolled_back = True
                 changes.append(f"rolled back to the weights of step {self.good_step}")
             if changes:
                 actions.append(Finding(f.code, "info", step, f"auto-fix for {f.code}: " + "; ".join(changes),

@@ -185,6 +185,9 @@ def run(cfg: RunConfig) -> dict:
         if fixer is not None:
             for action in fixer.apply(findings, step + 1):
                 logger.record(action)
+            if fixer.rolled_back:  # Adam's moments come from the bad steps: start them afresh
+                optimizer.state.clear()
+                fixer.rolled_back = False
             if "kl" in metrics and g.kl_coef > 0:
                 fixer.adapt_kl(metrics["kl"], len(trajs))
             if not any(f.severity == "critical" for f in findings) and metrics.get("kl", 0.0) < 0.1:
