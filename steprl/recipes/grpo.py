@@ -267,7 +267,7 @@ def grpo_step(model, ref_model, tokenizer, optimizer, params, task, tools, rende
                 total += loss.item()
                 for k, v in s.items():
                     stats[k].append(v)
-            else:
+            else:  # every micro-batch was finite: clip and apply the accumulated gradient
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, knobs.max_grad_norm)
                 if torch.isfinite(grad_norm):
                     optimizer.step()
