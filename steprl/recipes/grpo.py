@@ -236,12 +236,7 @@ def grpo_step(model, ref_model, tokenizer, optimizer, params, task, tools, rende
     mask = right_aligned([t.mask for t in trajs], width)
     ref_logp = None
     if knobs.kl_coef > 0:
-        with torch.no_grad():
-            if is_peft(model):
-                with model.disable_adapter():
-                    ref_logp = batched_logprobs(model, trajs, knobs.micro_batch_size, g.temperature)
-            else:
-                ref_logp = batched_logprobs(ref_model, trajs, knobs.micro_batch_size, g.temperature)
+        ref_logp = reference_logprobs(model, ref_model, trajs, knobs.micro_batch_size, g.temperature)
 
     # 4-5. clipped policy-gradient updates, micro-batches accumulated into minibatches
     model.train()
@@ -310,6 +305,16 @@ def batched_logprobs(model, trajs: list[Trajectory], batch_size: int, temperatur
         logp, _ = completion_logprobs(model, mb, temperature=temperature)
         out[lo:lo + len(mb), width - logp.shape[1]:] = logp
     return out
+
+
+def reference_logprobs(model, ref_model, trajs: list[Trajectory], batch_size: int,
+                       temperature: float = 1.0) -> torch.Tensor:
+    """Log-probs under the reference policy: the same network with its LoRA adapters disabled,
+    or, for full fine-tuning, the frozen copy `ref_model`."""
+    if is_peft(model):
+        with model.disable_adapter():
+            return batched_logprobs(model, trajs, batch_size, temperature)
+    return batched_logprobs(ref_model, trajs, batch_size, temperature)
 
 
 def load_weights(model, directory) -> None:

@@ -46,7 +46,7 @@ from steprl.models.loading import apply_lora, is_peft, load_policy, resolve, sav
 from steprl.monitor import MetricsLogger
 from steprl.recipes.common import (Timer, cosine_lr, load_state, mark_done, progress_bar, save_state,
                                    setup_torch, stage_dir)
-from steprl.recipes.grpo import (batched_logprobs, completion_logprobs, load_weights, make_envs,
+from steprl.recipes.grpo import (completion_logprobs, load_weights, make_envs, reference_logprobs,
                                  right_aligned, run_episodes, sample_record, tool_setup)
 from steprl.recipes.sft import previous_checkpoint
 from steprl.rewards import add_final_rewards, resolve_rewards
@@ -236,12 +236,7 @@ def run(cfg: RunConfig) -> dict:
         old_logp = right_aligned([t.logps for t in trajs], width)
         ref_logp = None
         if use_ref:
-            with torch.no_grad():
-                if is_peft(model):
-                    with model.disable_adapter():
-                        ref_logp = batched_logprobs(model, trajs, p.minibatch_size, p.temperature)
-                else:
-                    ref_logp = batched_logprobs(ref_model, trajs, p.minibatch_size, p.temperature)
+            ref_logp = reference_logprobs(model, ref_model, trajs, p.minibatch_size, p.temperature)
         old_values = batched(critic if critic is not None else (lambda mb: policy_forward(model, mb, head)[2]),
                              trajs, p.minibatch_size)
 
