@@ -67,12 +67,25 @@ def _resolve_eval_model(path: str) -> str:
     return path
 
 
+def _run_task_args(path: str, task_name: str) -> dict:
+    """A run's own task arguments (e.g. tools: false for PBRFT), so its model is evaluated on the
+    task it was trained for; {} for a plain model directory or another task."""
+    for candidate in (Path(path) / "config.yaml", Path(path).parent.parent / "config.yaml",
+                      Path(path).parent / "config.yaml"):
+        if candidate.is_file():
+            import yaml
+
+            task = (yaml.safe_load(candidate.read_text()) or {}).get("task") or {}
+            return dict(task.get("args") or {}) if task.get("name") == task_name else {}
+    return {}
+
+
 def cmd_eval(args) -> int:
     from steprl.models.loading import load_policy
     from steprl.recipes.evaluate import evaluate
     from steprl.tasks import get_task
 
-    task = get_task(args.task, **({"data": args.data} if args.data else {}))
+    task = get_task(args.task, **_run_task_args(args.model, args.task), **({"data": args.data} if args.data else {}))
     model, tokenizer = load_policy(_resolve_eval_model(args.model))
     metrics, trajs = evaluate(model, tokenizer, task, args.split, args.limit, args.batch_size,
                               args.max_new_tokens, args.max_turns)

@@ -10,6 +10,10 @@ ends on an answer, on a turn with no tool call, or after `max_turns`. Rewards pe
     + format_penalty     on the last turn when the episode ends with no parsable <answer>
 Malformed calls and tools that fail come back to the model as "Error: ..." tool messages: the
 episode goes on and the model can recover, as it would in deployment.
+
+With no tools (single-turn PBRFT: a task with no tool_names and max_turns = 1) a tool call is
+never parsed or run: the turn is just text without an <answer>, scored like any other. The
+task's own max_turns caps the config's, so T = 1 holds in every stage without extra settings.
 """
 from __future__ import annotations
 
@@ -31,6 +35,9 @@ class StepResult:
 class ToolEnv:
     def __init__(self, task: Task, tools: dict, reward: RewardConfig, max_turns: int,
                  system_suffix: str = ""):
+        cap = getattr(task, "max_turns", None)
+        max_turns = min(max_turns, cap) if cap else max_turns
+        tools = tools if getattr(task, "tool_names", ()) else {}  # a task with no tools gets none
         self.task, self.tools, self.reward_cfg, self.max_turns = task, tools, reward, max_turns
         self.system_suffix = system_suffix  # tool descriptions for models not trained on them
 
@@ -54,14 +61,15 @@ class ToolEnv:
         self.turn += 1
         reward = 0.0
         answer = extract_answer(text)
-        calls = parse_tool_calls(text) if answer is None else []
+        calls = parse_tool_calls(text) if answer is None and self.tools else []
         if answer is not None:
             self.answer = answer
             self.correct = self.task.check(self.problem, text)
             reward += cfg.correct if self.correct else 0.0
             return StepResult([], reward, True, {"answered": True})
         if not calls:
-            return StepResult([], reward + cfg.format_penalty, True, {"answered": False})
+            info = {"answered": False, "tool_call_ignored": not self.tools and "<tool_call>" in text}
+            return StepResult([], reward + cfg.format_penalty, True, info)
         observation = []
         for call in calls:
             result, ok = execute_tool_call(call, self.tools)

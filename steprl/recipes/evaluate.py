@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 from steprl.config import RewardConfig
 from steprl.envs.tool_env import ToolEnv
@@ -19,13 +20,16 @@ def tool_setup(task: Task, tokenizer):
 
     The embedded tokenizer was trained on the protocol and needs no description. A template that
     takes `tools` (Qwen, Llama 3.1 ...) gets the JSON schemas; any other gets them in the system
-    prompt, with the Hermes call format spelled out.
+    prompt, with the Hermes call format spelled out. A task with no tools (single-turn PBRFT)
+    gets no tools and, on a foreign template, only the answer format.
     """
     tools = get_tools(list(task.tool_names))
     schemas = [function_schema(fn) for fn in tools.values()]
     template = tokenizer.chat_template or ""
-    if template == CHATML_TEMPLATE or not schemas:
+    if template == CHATML_TEMPLATE:
         return tools, ChatRenderer(tokenizer), ""
+    if not schemas:
+        return tools, ChatRenderer(tokenizer), " " + ANSWER_FORMAT
     if "tools" in template:
         return tools, ChatRenderer(tokenizer, schemas), " " + ANSWER_FORMAT
     described = "\n".join(json.dumps(s["function"]) for s in schemas)
@@ -36,6 +40,13 @@ def tool_setup(task: Task, tokenizer):
 
 
 def make_envs(task, tools, reward: RewardConfig, max_turns: int, n: int, system_suffix: str = ""):
+    """n environments; warns when max_turns is too few for the task's solved episodes (e.g. the
+    one-call-per-operation calc variant needs ops + 1 turns), which no training can fix."""
+    needed = getattr(task, "turns_needed", 1)
+    cap = getattr(task, "max_turns", None) or max_turns
+    if min(max_turns, cap) < needed:
+        warnings.warn(f"max_turns={max_turns} but task '{task.name}' needs up to {needed} turns per "
+                      f"solved episode: raise max_turns (grpo/ppo/eval) to {needed}", stacklevel=2)
     return [ToolEnv(task, tools, reward, max_turns, system_suffix) for _ in range(n)]
 
 

@@ -76,10 +76,20 @@ def _change_digit(text: str, rng: random.Random) -> str:
 
 
 def corrupt(solution: list[dict], kind: str, tools: dict, rng: random.Random) -> list[dict]:
-    """A worse version of a solved episode [..prompt, call, tool result, answer]."""
-    *prompt, call, _, final = solution
-    answer = re.search(r"<answer>(.*?)</answer>", final["content"]).group(1)
+    """A worse version of a solved episode [..prompt, call, tool result, answer], or of a
+    single-turn one [..prompt, answer] (PBRFT: no call to corrupt, so the answer is)."""
+    answer = re.search(r"<answer>(.*?)</answer>", solution[-1]["content"]).group(1)
     wrong = _change_digit(answer, rng)
+    if not any(m["role"] == "tool" for m in solution):
+        if kind in ("wrong_number", "malformed_call", "wrong_answer"):
+            text = solution[-1]["content"].replace(f"<answer>{answer}</answer>", f"<answer>{wrong}</answer>")
+            if kind == "wrong_number":  # the worked result is wrong too, not only the copy of it
+                text = text.replace(f"= {answer}", f"= {wrong}")
+            return solution[:-1] + [{"role": "assistant", "content": text}]
+        if kind == "missing_answer":
+            return solution[:-1] + [{"role": "assistant", "content": f"The answer is {answer}."}]
+        raise ValueError(f"rm: unknown corruption '{kind}'")
+    *prompt, call, _, final = solution
     if kind == "wrong_number":  # a number copied wrongly into the call: the tool computes garbage
         bad = call["content"]
         for _ in range(20):

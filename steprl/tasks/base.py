@@ -51,11 +51,16 @@ class Task:
     Subclasses set `name`, `system_prompt`, `tool_names` and implement `problems`.
     `cold_start` (successful trajectories as chat messages) and `pretrain_corpus`
     (plain text) are optional: only tasks that feed those stages need them.
+    A task with no tools and `max_turns = 1` is single-turn (PBRFT): the environment caps every
+    episode at its `max_turns` whatever the run's config says. `turns_needed` is how many turns
+    a solved episode takes; a run allowing fewer gets a warning (it could never succeed).
     """
 
     name = "task"
     system_prompt = ""
     tool_names: tuple[str, ...] = ()
+    max_turns: int | None = None  # hard cap on turns per episode; None = the config decides
+    turns_needed: int = 1
 
     def problems(self, split: str, n: int | None = None, seed: int = 0) -> list[Problem]:
         raise NotImplementedError

@@ -14,6 +14,15 @@ A solved episode looks like (ChatML):
 
 The model must copy the question's numbers into the call, pick the operators from the words
 and copy the tool's result into the answer: the calculator does the arithmetic.
+
+Two variants, selected by task args, for the experiments of issue 3:
+
+    tools=False           single-turn PBRFT: no tools, one turn (T = 1); the model writes
+                          "We compute (12 + 5) / 3 = 6. <answer>6</answer>" and must do the
+                          arithmetic itself. Same problems, same held-out split.
+    one_call_per_op=True  one calculator call per operation: turn 1 `12 + 5` -> 17, turn 2
+                          `17 / 3` -> 6, then the answer: a 3-op problem takes 3 calls and 4 turns,
+                          so per-turn (dense) rewards and credit assignment matter.
 """
 from __future__ import annotations
 
@@ -36,6 +45,8 @@ OP_PHRASES = {
 OP_WORDS = {"+": "plus", "-": "minus", "*": "times", "/": "divided by"}
 MAX_VALUE = 10**7  # intermediate results stay below this so answers stay short
 SYSTEM_PROMPT = "Use the calculator, then give the answer."
+PER_OP_PROMPT = "Use the calculator for each step, then give the answer."
+DIRECT_PROMPT = "Answer directly, without a calculator."
 TEST_SEED, TRAIN_SEED = 1_000_003, 7
 
 
@@ -81,6 +92,16 @@ def chain_expression(start: int, steps: list[tuple[str, int]]) -> str:
     return expr
 
 
+def chain_steps(start: int, steps: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """One (expression, result) per operation: [("12 + 5", 17), ("17 / 3", 6)]."""
+    out, value = [], start
+    for op, b in steps:
+        result = int(_apply(op, value, b))
+        out.append((f"{value} {op} {b}", result))
+        value = result
+    return out
+
+
 def render_question(rng: random.Random, start: int, steps: list[tuple[str, int]]) -> str:
     name, he = rng.choice(NAMES)
     item = rng.choice(ITEMS)
@@ -96,11 +117,21 @@ class CalcTask(Task):
     name = "calc"
     system_prompt = SYSTEM_PROMPT
     tool_names = ("calculator",)
+    turns_needed = 2  # a call, then the answer
 
-    def __init__(self, min_ops: int = 1, max_ops: int = 3, test_size: int = 500):
+    def __init__(self, min_ops: int = 1, max_ops: int = 3, test_size: int = 500, tools: bool = True,
+                 one_call_per_op: bool = False):
         if not 1 <= min_ops <= max_ops:
             raise ValueError(f"calc: need 1 <= min_ops <= max_ops, got {min_ops}, {max_ops}")
+        for key, value in {"tools": tools, "one_call_per_op": one_call_per_op}.items():
+            if not isinstance(value, bool):
+                raise ValueError(f"calc: {key} must be true or false, got {value!r}")
         self.min_ops, self.max_ops, self.test_size = min_ops, max_ops, test_size
+        self.use_tools, self.one_call_per_op = tools, one_call_per_op
+        if not self.use_tools:  # PBRFT: s_0 = prompt, one answer y, reward r(s_0, y)
+            self.tool_names, self.system_prompt, self.max_turns, self.turns_needed = (), DIRECT_PROMPT, 1, 1
+        elif self.one_call_per_op:
+            self.system_prompt, self.turns_needed = PER_OP_PROMPT, max_ops + 1
         self._test: list[Problem] | None = None
 
     def _generate(self, seed: int, n: int, split: str, exclude: set[str]) -> list[Problem]:
@@ -116,7 +147,8 @@ class CalcTask(Task):
             if question in exclude:
                 continue
             exclude.add(question)
-            meta = {"expression": chain_expression(start, steps), "n_ops": len(steps)}
+            meta = {"expression": chain_expression(start, steps), "n_ops": len(steps),
+                    "start": start, "steps": steps}
             out.append(Problem(f"{split}-{seed}-{len(out)}", question, str(result), meta))
         return out
 
@@ -134,14 +166,29 @@ class CalcTask(Task):
         exclude = {p.question for p in self._test_problems()}
         return self._generate(TRAIN_SEED + seed, n or 1000, "train", exclude)
 
+    def worked_solution(self, problem: Problem) -> str:
+        """The arithmetic in words: "We compute (12 + 5) / 3 = 6." or, one operation at a time,
+        "We compute 12 + 5 = 17. 17 / 3 = 6."."""
+        if self.one_call_per_op:
+            return "We compute " + " ".join(f"{e} = {r}." for e, r in self._steps(problem))
+        return f"We compute {problem.meta['expression']} = {problem.answer}."
+
+    def _steps(self, problem: Problem) -> list[tuple[str, int]]:
+        return chain_steps(problem.meta["start"], problem.meta["steps"])
+
     def solution_messages(self, problem: Problem) -> list[dict]:
-        """A successful trajectory: one calculator call with the chain expression, then the answer."""
-        call = format_tool_call("calculator", {"expression": problem.meta["expression"]})
-        return self.prompt_messages(problem) + [
-            {"role": "assistant", "content": call},
-            {"role": "tool", "content": problem.answer},
-            {"role": "assistant", "content": f"<answer>{problem.answer}</answer>"},
-        ]
+        """A successful trajectory: the direct answer (no tools), one calculator call per
+        operation (one_call_per_op), or one call with the chain expression; then the answer."""
+        final = {"role": "assistant", "content": f"<answer>{problem.answer}</answer>"}
+        if not self.use_tools:
+            return self.prompt_messages(problem) + [
+                {"role": "assistant", "content": f"{self.worked_solution(problem)} {final['content']}"}]
+        calls = self._steps(problem) if self.one_call_per_op else [(problem.meta["expression"], problem.answer)]
+        turns = []
+        for expression, result in calls:
+            turns += [{"role": "assistant", "content": format_tool_call("calculator", {"expression": expression})},
+                      {"role": "tool", "content": str(result)}]
+        return self.prompt_messages(problem) + turns + [final]
 
     def cold_start(self, n: int, seed: int = 0) -> list[list[dict]]:
         return [self.solution_messages(p) for p in self.problems("train", n, seed=10_000 + seed)]
@@ -149,12 +196,13 @@ class CalcTask(Task):
     def pretrain_corpus(self, n_docs: int, seed: int = 0) -> list[str | list[dict]]:
         """Text about numbers and arithmetic: worked stories (as prose, or as a user/assistant chat
         answered in words), and number facts. No tools and no tool protocol: calling the
-        calculator is what cold-start SFT teaches."""
+        calculator is what cold-start SFT teaches. tools=False reads the same corpus as the agentic
+        task, so both arms of the PBRFT-vs-agentic comparison pretrain on the same text;
+        one_call_per_op works the problems one operation at a time, as its calls do."""
         rng = random.Random(f"calc/pretrain/{seed}")
         docs = []
         for p in self.problems("train", n_docs, seed=20_000 + seed):
-            expr = p.meta["expression"]
-            solution = f"We compute {expr} = {p.answer}. The answer is {p.answer}."
+            solution = f"{self.worked_solution(p)} The answer is {p.answer}."
             roll = rng.random()
             if roll < 0.4:
                 docs.append(f"{p.question} {solution}")
