@@ -1,5 +1,9 @@
+import math
+
+import pytest
 import torch
 
+from steprl.algos import aggregate_loss
 from steprl.monitor.autofix import AutoFixer, Knobs
 from steprl.monitor.doctor import Finding
 
@@ -50,3 +54,129 @@ def test_adaptive_kl_moves_toward_target():
     high = fx.knobs.kl_coef
     fx.adapt_kl(kl=0.001, n_samples=100)
     assert fx.knobs.kl_coef < high
+
+
+def test_oom_fix_never_grows_a_size():
+    """The doctor's floors (num_generations >= 2, max_new_tokens >= 16) must not grow a small PPO run."""
+    fx = AutoFixer(torch.nn.Linear(2, 1), Knobs(learning_rate=1e-4, kl_coef=0.05, micro_batch_size=4,
+                                                num_generations=1, max_new_tokens=8))
+    fx.apply([Finding("out_of_memory", "critical", 1, "oom", "smaller",
+                      {"num_generations": 2, "per_device_batch_size": 2, "max_new_tokens": 16,
+                       "gradient_checkpointing": True})], step=1)
+    k = fx.knobs
+    assert (k.micro_batch_size, k.num_generations, k.max_new_tokens, k.gradient_checkpointing) == (2, 1, 8, True)
+
+
+def test_rollback_restores_every_module_given():
+    policy, value = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
+    fx = AutoFixer([policy, value], Knobs(1e-4, 0.05, 4, 1, 8))
+    fx.snapshot(step=1)
+    good = [policy.weight.detach().clone(), value.weight.detach().clone()]
+    with torch.no_grad():
+        policy.weight.add_(1.0)
+        value.weight.add_(1.0)
+    fx.apply([Finding("kl_explosion", "critical", 3, "", "", {"rollback": True})], step=3)
+    assert torch.equal(policy.weight, good[0]) and torch.equal(value.weight, good[1])
+
+
+
+def test_after_step_keeps_the_weights_a_healthy_step_sampled_from_and_restarts_adam():
+    model, fx = fixer()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    start = model.weight.detach().clone()
+    fx.begin_step(0)  # step 1 samples from the start weights ...
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()  # ... and its update is only judged by step 2
+    fx.after_step([], {"kl": 0.0}, 1, opt, n_samples=4, adapt_kl=False)
+    assert fx.good_step == 0 and torch.equal(fx.good["weight"], start)
+    fx.begin_step(1)
+    boom = Finding("kl_explosion", "critical", 2, "", "", {"rollback": True})
+    actions = fx.after_step([boom], {"kl": 0.9}, 2, opt, n_samples=4, adapt_kl=False)
+    assert torch.equal(model.weight, start) and not opt.state and not fx.rolled_back
+    assert "step 0" in actions[0].evidence and fx.good_step == 0  # the exploded step is never kept
+
+# ---------------------------------------------------------------------------- PPO, end to end (toy size)
+
+from test_rm_ppo import base, config, read_jsonl  # noqa: E402,F401  (the toy checkpoint fixture)
+
+from steprl.config import LoraConfig  # noqa: E402
+from steprl.recipes import ppo  # noqa: E402
+from steprl.recipes.ppo_config import PPOConfig  # noqa: E402
+
+
+
+def ppo_run(base, tmp_path, steps, **kw):
+    """A few PPO steps with the live doctor and auto-fix on; returns (metrics rows, doctor rows)."""
+    p = PPOConfig(steps=steps, prompts_per_step=2, num_generations=2, max_new_tokens=8, max_turns=2,
+                  minibatch_size=4, num_iterations=1, **kw)
+    cfg = config(base, tmp_path, "ppo", ppo=p)
+    cfg.doctor.enabled = cfg.doctor.auto_fix = True
+    ppo.run(cfg)
+    out = tmp_path / "t" / "ppo"
+    return read_jsonl(out / "metrics.jsonl"), read_jsonl(out / "doctor.jsonl")
+
+
+def test_ppo_kl_explosion_lowers_lr_and_rolls_back_policy_and_critic(base, tmp_path, monkeypatch):
+    """lr 1.0 wrecks the toy policy in one step: KL > 0.5 twice -> lr 1 -> 0.2, kl_coef up, and the
+    policy and the separate critic both back at the last weights a healthy step sampled from."""
+    rollbacks = []
+
+    class Spy(ppo.AutoFixer):
+        def rollback(self):
+            done = super().rollback()
+            policy, critic = self.model  # both handed to the fixer
+            trained = [q for q in self.model.parameters() if q.requires_grad]
+            now = dict(self.model.named_parameters())
+            rollbacks.append((isinstance(critic, ppo.Critic), len(self.good) == len(trained),
+                              all(torch.equal(now[n], v) for n, v in self.good.items())))
+            return done
+
+    monkeypatch.setattr(ppo, "AutoFixer", Spy)
+    rows, doctor = ppo_run(base, tmp_path, steps=4, learning_rate=1.0, critic="separate", kl_coef=0.05)
+    explosion = [d for d in doctor if d["code"] == "kl_explosion"]
+    assert explosion[0]["severity"] == "critical"
+    action = next(d for d in explosion if d["severity"] == "info")
+    assert "learning_rate 1 -> 0.2" in action["evidence"]
+    # step 1 sampled from the start weights with KL 0; its update is what step 2 saw explode
+    assert "rolled back to the weights of step 0" in action["evidence"]
+    after = next(r for r in rows if r["step"] == action["step"] + 1)
+    assert after["learning_rate"] == pytest.approx(0.2) and after["kl_coef"] > 0.05
+    assert after["kl"] < 0.01  # sampling from the restored weights again: the explosion is gone
+    assert rollbacks == [(True, True, True)]  # policy and critic, every trained tensor restored
+
+
+def test_ppo_nan_loss_is_skipped_and_lr_backs_off(base, tmp_path, monkeypatch):
+    calls = []
+
+    def nan_first(*args, **kwargs):  # the first minibatch's loss is NaN
+        calls.append(1)
+        loss = aggregate_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 1 else loss
+
+    monkeypatch.setattr(ppo, "aggregate_loss", nan_first)
+    rows, doctor = ppo_run(base, tmp_path, steps=2, learning_rate=1e-3, critic="shared",
+                           lora=LoraConfig(enabled=True, r=4, alpha=8))
+    first, second = rows
+    assert first["event"] == "nan_skip" and first["skipped_minibatches"] == 1
+    assert math.isnan(first["loss"]) and "grad_norm" not in first  # never applied
+    assert math.isfinite(second["loss"]) and "grad_norm" in second
+    assert any(d["code"] == "nan_loss" and d["severity"] != "info" for d in doctor)
+    action = next(d for d in doctor if d["code"] == "nan_loss" and d["severity"] == "info")
+    assert "learning_rate 0.001 -> 0.0001" in action["evidence"]
+    assert second["learning_rate"] == pytest.approx(1e-4)
+
+
+def test_ppo_oom_halves_the_micro_batch_and_retries(base, tmp_path, monkeypatch):
+    real = ppo.run_episodes
+
+    def oom_once(*args, **kwargs):
+        if not getattr(oom_once, "raised", False):
+            oom_once.raised = True
+            raise torch.OutOfMemoryError("toy")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "run_episodes", oom_once)
+    rows, doctor = ppo_run(base, tmp_path, steps=1, critic="shared")
+    assert rows[0] == {"step": 1, "event": "oom"} and rows[-1]["step"] == 1 and "loss" in rows[-1]
+    action = next(d for d in doctor if d["code"] == "out_of_memory" and d["severity"] == "info")
+    assert "micro_batch_size 4 -> 2" in action["evidence"] and "num_generations" not in action["evidence"]

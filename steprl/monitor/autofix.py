@@ -4,17 +4,21 @@ The doctor's findings carry a machine-applicable `fix` ({"learning_rate": 1e-5, 
 "rollback": True, ...}). `AutoFixer.apply` changes the run's knobs accordingly, restores the last
 good weights when asked to roll back, and records every action as a finding that says what
 changed. Between findings, an adaptive KL coefficient (Ziegler et al.) holds KL near the middle of
-the healthy band 0.01-0.1.
+the healthy band 0.01-0.1. The RL recipes (grpo, ppo) call `after_step` once per logged step and
+`handle_oom` when a step ran out of memory; the same loop therefore serves both.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 from steprl.algos import AdaptiveKLController
 from steprl.monitor.doctor import Finding
 
 KNOBS = ("learning_rate", "kl_coef", "micro_batch_size", "num_generations", "max_new_tokens",
          "gradient_checkpointing", "max_grad_norm")
+SIZES = ("micro_batch_size", "num_generations", "max_new_tokens")  # an OOM fix may only lower these
 
 
 @dataclass
@@ -30,17 +34,32 @@ class Knobs:
 
 
 class AutoFixer:
-    def __init__(self, model, knobs: Knobs, kl_target: float = 0.05, kl_horizon: int = 2000):
-        self.model, self.knobs = model, knobs
+    """`model`: the module that trains, or a list of them (PPO: the policy and its value model),
+    so that a rollback restores all of them together."""
+
+    def __init__(self, model, knobs: Knobs, kl_target: float = 0.05, kl_horizon: float = 2000):
+        self.model = torch.nn.ModuleList(model) if isinstance(model, (list, tuple)) else model
+        self.knobs = knobs
         self.kl = AdaptiveKLController(max(knobs.kl_coef, 1e-3), kl_target, kl_horizon)
         self.good: dict | None = None
         self.good_step = 0
+        self.pending: dict | None = None  # see begin_step
+        self.pending_step = 0
         self.rolled_back = False  # the trainer resets its optimiser state when this is set
+
+    def _weights(self) -> dict:
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 
     def snapshot(self, step: int) -> None:
         """Remember the trainable weights of a healthy step, for rollback."""
-        self.good = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
-        self.good_step = step
+        self.good, self.good_step = self._weights(), step
+
+    def begin_step(self, step: int) -> None:
+        """Before a step: copy the weights its rollout samples from. A step's metrics (KL of the
+        sampled tokens, reward) judge these weights, not the ones its update leaves, which only
+        the next step can judge; so `after_step` keeps this copy as the good state when the step
+        is healthy. (Without begin_step, after_step snapshots the updated weights instead.)"""
+        self.pending, self.pending_step = self._weights(), step
 
     def rollback(self) -> bool:
         if self.good is None:
@@ -62,6 +81,8 @@ class AutoFixer:
                 continue
             changes = []
             for key in KNOBS:
+                if f.code == "out_of_memory" and key in SIZES and f.fix.get(key, 0) > getattr(self.knobs, key):
+                    continue  # the doctor's floor (e.g. num_generations >= 2) must not grow a PPO run
                 if key in f.fix and f.fix[key] != getattr(self.knobs, key):
                     old = getattr(self.knobs, key)
                     setattr(self.knobs, key, type(old)(f.fix[key]))
@@ -69,7 +90,7 @@ class AutoFixer:
                                    else f"{key} {old} -> {f.fix[key]}")
             if f.fix.get("per_device_batch_size"):
                 old = self.knobs.micro_batch_size
-                self.knobs.micro_batch_size = max(1, int(f.fix["per_device_batch_size"]))
+                self.knobs.micro_batch_size = max(1, min(old, int(f.fix["per_device_batch_size"])))
                 changes.append(f"micro_batch_size {old} -> {self.knobs.micro_batch_size} "
                                "(gradient accumulation keeps the effective batch)")
             if "kl_coef" in f.fix:
@@ -81,3 +102,35 @@ class AutoFixer:
                 actions.append(Finding(f.code, "info", step, f"auto-fix for {f.code}: " + "; ".join(changes),
                                        "continuing with the new settings"))
         return actions
+
+    def after_step(self, findings: list[Finding], metrics: dict, step: int, optimizer, n_samples: int,
+                   adapt_kl: bool) -> list[Finding]:
+        """Once per logged step: apply the findings' fixes, restart AdamW after a rollback (its
+        moments come from the bad steps), steer the KL coefficient, and remember the weights if
+        the step was healthy. Returns the actions, for the trainer to record."""
+        actions = self.apply(findings, step)
+        if self.rolled_back:  # one optimiser holds every group (PPO: the value model's too)
+            optimizer.state.clear()
+            self.rolled_back = False
+        if adapt_kl and "kl" in metrics:
+            self.adapt_kl(metrics["kl"], n_samples)
+        if not any(f.severity == "critical" for f in findings) and metrics.get("kl", 0.0) < 0.1:
+            if self.pending is not None:
+                self.good, self.good_step = self.pending, self.pending_step
+            else:
+                self.snapshot(step)
+        self.pending = None
+        return actions
+
+
+def handle_oom(fixer: AutoFixer | None, logger, optimizer, step: int, err: BaseException, hint: str) -> None:
+    """A step that ran out of memory applied nothing: log it, let the doctor pick smaller settings
+    and retry; without auto-fix, or when it has nothing left to change, stop with the way out."""
+    optimizer.zero_grad(set_to_none=True)
+    findings = logger.log({"event": "oom"}, step)
+    actions = fixer.apply(findings, step) if fixer is not None else []
+    if not actions:
+        raise RuntimeError(f"{logger.stage}: out of memory at step {step} ({err}); "
+                           f"set doctor.auto_fix=true or {hint}") from err
+    for action in actions:
+        logger.record(action)

@@ -15,7 +15,6 @@ Under LoRA the reference policy is the same network with its adapters disabled: 
 """
 from __future__ import annotations
 
-import copy
 import json
 import random
 
@@ -24,13 +23,13 @@ import torch
 from steprl.algos import (aggregate_loss, clipped_surrogate, entropy_from_logits, group_advantages,
                           kl_penalty, token_logprobs, trajectory_returns, turn_level_group_advantages)
 from steprl.config import RunConfig
-from steprl.models.loading import apply_lora, is_peft, load_policy, resolve, save_checkpoint
+from steprl.models.loading import is_peft, save_checkpoint
 from steprl.monitor import MetricsLogger
-from steprl.monitor.autofix import AutoFixer, Knobs
-from steprl.recipes.common import (Timer, cosine_lr, load_state, mark_done, progress_bar, save_state,
-                                   set_lr, setup_torch, stage_dir)
+from steprl.monitor.autofix import AutoFixer, Knobs, handle_oom
+from steprl.recipes.common import (Timer, cosine_lr, mark_done, progress_bar, save_state, set_lr, setup_torch,
+                                   stage_dir)
 from steprl.recipes.evaluate import make_envs, tool_setup
-from steprl.recipes.sft import previous_checkpoint
+from steprl.recipes.policy import setup_policy
 from steprl.rewards import add_final_rewards, resolve_rewards
 from steprl.rollout.episodes import Trajectory, run_episodes
 from steprl.rollout.sampling import SamplingParams, left_pad
@@ -92,6 +91,34 @@ def sample_record(tokenizer, t: Trajectory, step: int) -> dict:
             "turn_rewards": t.turn_rewards, "correct": t.correct, "segments": segments}
 
 
+def episode_metrics(trajs: list[Trajectory], group_size: int) -> dict:
+    """The BRIEF's episode metrics, the same for grpo and ppo: reward, accuracy, lengths, turns and
+    tool use. Consecutive blocks of group_size share a prompt; with 1 (PPO) the batch is one group."""
+    rewards = torch.tensor([t.reward for t in trajs])
+    groups = rewards.view(-1, group_size) if group_size > 1 else rewards.view(1, -1)
+    group_std = groups.std(dim=1).nan_to_num(0.0)  # NaN for a group of one
+    n, n_calls = len(trajs), sum(t.n_tool_calls for t in trajs)
+    return {
+        "reward": rewards.mean().item(),
+        "reward_std": group_std.mean().item(),
+        "accuracy": sum(t.correct for t in trajs) / n,
+        "completions/mean_length": sum(sum(t.mask) for t in trajs) / n,
+        "completions/clipped_ratio": sum(t.truncated for t in trajs) / n,
+        "turns/mean": sum(t.n_turns for t in trajs) / n,
+        "tools/call_frequency": n_calls / n,
+        "tools/failure_frequency": sum(t.n_tool_failures for t in trajs) / max(1, n_calls),
+        "frac_reward_zero_std": (group_std < 1e-6).float().mean().item(),
+        "format": sum(t.answered for t in trajs) / n,
+    }
+
+
+def log_samples(samples_file, tokenizer, trajs: list[Trajectory], rng, n: int, step: int) -> None:
+    """n random trajectories of this step to samples.jsonl, flushed so a crash keeps them."""
+    for t in rng.sample(trajs, min(n, len(trajs))):
+        samples_file.write(json.dumps(sample_record(tokenizer, t, step)) + "\n")
+    samples_file.flush()
+
+
 # ---------------------------------------------------------------------------- the stage
 
 def policy_loss(model, mb, cols, mask, advantages, old_logp, ref_logp, g, knobs, scale: float):
@@ -105,12 +132,18 @@ def policy_loss(model, mb, cols, mask, advantages, old_logp, ref_logp, g, knobs,
         per_token = per_token + knobs.kl_coef * kl
     loss = aggregate_loss(per_token, m, g.loss_type, max_len=g.max_new_tokens * g.max_turns) * scale
     n_tok = m.sum().clamp(min=1)
-    ratio = torch.exp(logp.detach() - old)
-    eps_high = g.epsilon_high if g.epsilon_high is not None else g.epsilon
-    clipped = ((ratio < 1 - g.epsilon) & (a < 0)) | ((ratio > 1 + eps_high) & (a > 0))
+    clipped = clipped_tokens(logp, old, a, g)
     stats = {"kl": float((kl.detach() * m).sum() / n_tok), "entropy": float((entropy * m).sum() / n_tok),
              "clip_ratio": float((clipped.float() * m).sum() / n_tok)}
     return loss, stats
+
+
+def clipped_tokens(logp, old_logp, advantages, g) -> torch.Tensor:
+    """Where the clip held the ratio back (no gradient): rho < 1 - eps with A < 0, or
+    rho > 1 + eps_high with A > 0. Its token mean is the clip_ratio metric."""
+    ratio = torch.exp(logp.detach() - old_logp)
+    eps_high = g.epsilon_high if g.epsilon_high is not None else g.epsilon
+    return ((ratio < 1 - g.epsilon) & (advantages < 0)) | ((ratio > 1 + eps_high) & (advantages > 0))
 
 
 def accumulation_scale(g, micro_mask: torch.Tensor, mb_mask: torch.Tensor) -> float:
@@ -124,30 +157,20 @@ def run(cfg: RunConfig) -> dict:
     setup_torch(cfg)
     g, out = cfg.grpo, stage_dir(cfg, "grpo")
     ckpt = out / "checkpoint"
-    base = resolve(previous_checkpoint(cfg, "grpo"))
-    model, tokenizer = load_policy(base)
-    ref_model = None
-    if g.lora.enabled:
-        model = apply_lora(model, g.lora)
-    elif g.kl_coef > 0 or cfg.doctor.auto_fix:
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    state = load_state(ckpt) if ckpt.is_dir() else None
-    if state:
-        load_weights(model, ckpt)
+    policy = setup_policy(cfg, "grpo", g.lora, g.learning_rate, g.kl_coef > 0 or cfg.doctor.auto_fix, ckpt)
+    model, tokenizer, ref_model, optimizer, params = (policy.model, policy.tokenizer, policy.ref_model,
+                                                      policy.optimizer, policy.params)
 
     task = get_task(cfg.task.name, **cfg.task.args)
     tools, renderer, suffix = tool_setup(task, tokenizer)
     problems = task.problems("train", max(g.steps * g.prompts_per_step, 1000), seed=cfg.seed)
     reward_fns = resolve_rewards(g.reward.functions, run_dir=cfg.run_dir)  # rules and/or {model: rm}
-    params = [q for q in model.parameters() if q.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=g.learning_rate, weight_decay=0.0)
     knobs = Knobs(g.learning_rate, g.kl_coef, g.micro_batch_size or g.minibatch_size, g.num_generations,
                   g.max_new_tokens, g.max_grad_norm, g.gradient_checkpointing)
     start = 0
-    if state:
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
-        knobs = Knobs(**state["extra"]["knobs"])
+    if policy.state:
+        start = policy.state["step"]
+        knobs = Knobs(**policy.state["extra"]["knobs"])
     fixer = AutoFixer(model, knobs) if cfg.doctor.auto_fix else None
     if fixer is not None:
         fixer.snapshot(start)  # the starting weights are the first known-good state to roll back to
@@ -168,46 +191,34 @@ def run(cfg: RunConfig) -> dict:
         set_lr(optimizer, knobs.learning_rate * cosine_lr(step, g.steps, g.warmup_steps, min_ratio=1.0))
         if knobs.gradient_checkpointing and not model.is_gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if fixer is not None:
+            fixer.begin_step(step)  # the weights this step's metrics will judge
         try:
             metrics, trajs = grpo_step(model, ref_model, tokenizer, optimizer, params, task, tools, renderer,
                                        suffix, problems, step, g, knobs, generator, rng, reward_fns)
         except (torch.OutOfMemoryError, MemoryError) as err:
-            # Nothing was applied: log it, let the doctor pick smaller settings, retry the step.
-            optimizer.zero_grad(set_to_none=True)
-            findings = logger.log({"event": "oom"}, step + 1)
-            if fixer is None or not fixer.apply(findings, step + 1):
-                raise RuntimeError(f"grpo: out of memory at step {step + 1} ({err}); "
-                                   "set doctor.auto_fix=true or lower grpo.micro_batch_size") from err
-            continue
+            handle_oom(fixer, logger, optimizer, step + 1, err, "lower grpo.micro_batch_size")
+            continue  # nothing was applied: retry the step with the smaller settings
         metrics.update({"learning_rate": optimizer.param_groups[0]["lr"], "kl_coef": knobs.kl_coef,
                         "step_time": timer.seconds})
         findings = logger.log(metrics, step + 1)
         if fixer is not None:
-            for action in fixer.apply(findings, step + 1):
+            for action in fixer.after_step(findings, metrics, step + 1, optimizer, len(trajs), g.kl_coef > 0):
                 logger.record(action)
-            if fixer.rolled_back:  # Adam's moments come from the bad steps: start them afresh
-                optimizer.state.clear()
-                fixer.rolled_back = False
-            if "kl" in metrics and g.kl_coef > 0:
-                fixer.adapt_kl(metrics["kl"], len(trajs))
-            if not any(f.severity == "critical" for f in findings) and metrics.get("kl", 0.0) < 0.1:
-                fixer.snapshot(step + 1)
-        for t in rng.sample(trajs, min(g.n_samples_logged, len(trajs))):
-            samples_file.write(json.dumps(sample_record(tokenizer, t, step + 1)) + "\n")
-        samples_file.flush()
+        log_samples(samples_file, tokenizer, trajs, rng, g.n_samples_logged, step + 1)
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}",
                         kl=f"{metrics.get('kl', 0.0):.3f}")
         step += 1
         if g.save_every and step % g.save_every == 0 and step < g.steps:
-            save_checkpoint(model, tokenizer, ckpt, base_path=base)
+            save_checkpoint(model, tokenizer, ckpt, base_path=policy.base)
             save_state(ckpt, step, optimizer, {"knobs": knobs.__dict__})
     bar.close()
     samples_file.close()
     logger.close()
-    save_checkpoint(model, tokenizer, ckpt, base_path=base)
+    save_checkpoint(model, tokenizer, ckpt, base_path=policy.base)
     (ckpt / "trainer_state.pt").unlink(missing_ok=True)
-    info = {"checkpoint": str(ckpt), "base": base, "steps": g.steps}
+    info = {"checkpoint": str(ckpt), "base": policy.base, "steps": g.steps}
     mark_done(out, info)
     return info
 
@@ -229,7 +240,6 @@ def grpo_step(model, ref_model, tokenizer, optimizer, params, task, tools, rende
 
     # 2-3. rewards -> per-token advantages; the sampling log-probs are the old log-probs
     reward_metrics = add_final_rewards(reward_fns, trajs)  # r_{T-1} += sum_f w_f f(...): functions, RM
-    rewards = torch.tensor([t.reward for t in trajs])
     width = max(len(t.ids) for t in trajs)
     advantages = token_advantages(trajs, g, width)
     old_logp = right_aligned([t.logps for t in trajs], width)
@@ -272,21 +282,9 @@ def grpo_step(model, ref_model, tokenizer, optimizer, params, task, tools, rende
             skipped += 1  # a NaN loss or gradient: this minibatch is never applied
             optimizer.zero_grad(set_to_none=True)
 
-    groups = rewards.view(-1, knobs.num_generations)
-    n_calls = sum(t.n_tool_calls for t in trajs)
-    n = len(trajs)
     metrics = {
-        "reward": rewards.mean().item(),
-        "reward_std": groups.std(dim=1).mean().item(),
-        "accuracy": sum(t.correct for t in trajs) / n,
+        **episode_metrics(trajs, knobs.num_generations),
         **{k: sum(v) / len(v) for k, v in stats.items() if v},
-        "completions/mean_length": sum(sum(t.mask) for t in trajs) / n,
-        "completions/clipped_ratio": sum(t.truncated for t in trajs) / n,
-        "turns/mean": sum(t.n_turns for t in trajs) / n,
-        "tools/call_frequency": n_calls / n,
-        "tools/failure_frequency": sum(t.n_tool_failures for t in trajs) / max(1, n_calls),
-        "frac_reward_zero_std": (groups.std(dim=1) < 1e-6).float().mean().item(),
-        "format": sum(t.answered for t in trajs) / n,
         **reward_metrics,
         "rollout_time": rollout_seconds,
     }
@@ -315,15 +313,3 @@ def reference_logprobs(model, ref_model, trajs: list[Trajectory], batch_size: in
         with model.disable_adapter():
             return batched_logprobs(model, trajs, batch_size, temperature)
     return batched_logprobs(ref_model, trajs, batch_size, temperature)
-
-
-def load_weights(model, directory) -> None:
-    """Restore trained weights (adapter or full model) saved by save_checkpoint, for resuming."""
-    from safetensors.torch import load_file
-
-    if is_peft(model):
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model, load_file(str(directory / "adapter_model.safetensors")))
-    else:
-        model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=False)

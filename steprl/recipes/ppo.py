@@ -28,11 +28,17 @@
 
 critic "separate": a copy of the policy's trunk + a linear value head, fully trained;
 critic "shared": the value head reads the policy's own last hidden state (LoRA or full).
+
+doctor.auto_fix: the same AutoFixer as GRPO acts on the live doctor's findings: the KL coefficient
+is steered into the healthy band; a KL explosion lowers the learning rate (the critic's with it),
+raises kl_coef and rolls the policy *and* the value model back to the last healthy step, clearing
+AdamW's moments for both; a NaN minibatch is skipped (logged as a NaN loss, so the doctor sees
+it) and the learning rate backs off; an OOM step is retried with a halved micro-batch (gradient
+accumulation keeps the minibatch), fewer new tokens and gradient checkpointing.
 """
 from __future__ import annotations
 
 import copy
-import json
 import random
 
 import torch
@@ -42,13 +48,14 @@ from steprl.algos import (AdaptiveKLController, FixedKLController, aggregate_los
                           clipped_value_loss, discounted_returns, entropy_from_logits, gae, kl_penalty,
                           masked_mean, masked_whiten, token_logprobs)
 from steprl.config import RunConfig
-from steprl.models.loading import apply_lora, is_peft, load_policy, resolve, save_checkpoint
+from steprl.models.loading import is_peft, save_checkpoint
 from steprl.monitor import MetricsLogger
-from steprl.recipes.common import (Timer, cosine_lr, load_state, mark_done, progress_bar, save_state,
-                                   setup_torch, stage_dir)
-from steprl.recipes.grpo import (completion_logprobs, load_weights, make_envs, reference_logprobs,
-                                 right_aligned, run_episodes, sample_record, tool_setup)
-from steprl.recipes.sft import previous_checkpoint
+from steprl.monitor.autofix import AutoFixer, Knobs, handle_oom
+from steprl.recipes.common import Timer, cosine_lr, mark_done, progress_bar, save_state, setup_torch, stage_dir
+from steprl.recipes.grpo import (accumulation_scale, clipped_tokens, completion_logprobs, episode_metrics,
+                                 log_samples, make_envs, reference_logprobs, right_aligned, run_episodes,
+                                 tool_setup)
+from steprl.recipes.policy import setup_policy
 from steprl.rewards import add_final_rewards, resolve_rewards
 from steprl.rollout.sampling import SamplingParams, left_pad
 from steprl.tasks import get_task
@@ -171,91 +178,150 @@ def run(cfg: RunConfig) -> dict:
     setup_torch(cfg)
     p, out = cfg.ppo, stage_dir(cfg, "ppo")
     ckpt = out / "checkpoint"
-    base = resolve(previous_checkpoint(cfg, "ppo"))
-    model, tokenizer = load_policy(base)
-    hidden_size = model.config.get_text_config().hidden_size
-    critic = Critic(copy.deepcopy(model.get_decoder()), hidden_size) if p.critic == "separate" else None
-    head = ValueHead(hidden_size) if p.critic == "shared" else None
-    value_model = critic if critic is not None else head
-    use_ref, ref_model = p.kl_coef > 0 or p.adaptive_kl, None
-    if p.lora.enabled:
-        model = apply_lora(model, p.lora)
-    elif use_ref:
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    policy_params = [q for q in model.parameters() if q.requires_grad]
-    value_params = list(value_model.parameters())
-    peaks = [p.learning_rate, p.critic_learning_rate or p.learning_rate]
-    optimizer = torch.optim.AdamW([{"params": policy_params, "lr": peaks[0]},
-                                   {"params": value_params, "lr": peaks[1]}], weight_decay=0.0)
-    kl_ctl = (AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon) if p.adaptive_kl
-              else FixedKLController(p.kl_coef))
-    state, start = (load_state(ckpt) if ckpt.is_dir() else None), 0
-    if state:
-        load_weights(model, ckpt)
+    # auto-fix watches KL (an explosion is its main trigger) and may switch the penalty on
+    use_ref = p.kl_coef > 0 or p.adaptive_kl or cfg.doctor.auto_fix
+
+    def make_value_model(model):  # before LoRA goes in: a separate critic copies the plain trunk
+        hidden_size = model.config.get_text_config().hidden_size
+        if p.critic == "separate":
+            return Critic(copy.deepcopy(model.get_decoder()), hidden_size)
+        return ValueHead(hidden_size)
+
+    policy = setup_policy(cfg, "ppo", p.lora, p.learning_rate, use_ref, ckpt, make_value_model,
+                          p.critic_learning_rate)
+    model, tokenizer, optimizer, value_model = policy.model, policy.tokenizer, policy.optimizer, policy.value_model
+    knobs = Knobs(p.learning_rate, p.kl_coef, p.minibatch_size, p.num_generations, p.max_new_tokens, p.max_grad_norm)
+    start = 0
+    if policy.state:
         value_model.load_state_dict(load_file(str(ckpt / VALUE_FILE)))
-        optimizer.load_state_dict(state["optimizer"])
-        start, kl_ctl.value = state["step"], state["extra"]["kl_coef"]
+        start, extra = policy.state["step"], policy.state["extra"]
+        knobs = Knobs(**extra["knobs"]) if "knobs" in extra else knobs
+        knobs.kl_coef = extra["kl_coef"]
+    kl_ctl = (AdaptiveKLController(knobs.kl_coef, p.target_kl, p.kl_horizon) if p.adaptive_kl
+              else FixedKLController(knobs.kl_coef))
+    fixer = None
+    if cfg.doctor.auto_fix:  # steers kl_coef itself (adaptive, as GRPO's), and rolls back policy and critic
+        fixer = AutoFixer([model, value_model], knobs,
+                          **({"kl_target": p.target_kl, "kl_horizon": p.kl_horizon} if p.adaptive_kl else {}))
+        fixer.snapshot(start)  # the starting weights are the first known-good state to roll back to
 
     task = get_task(cfg.task.name, **cfg.task.args)
     tools, renderer, suffix = tool_setup(task, tokenizer)
     problems = task.problems("train", max(p.steps * p.prompts_per_step, 1000), seed=cfg.seed)
     reward_fns = resolve_rewards(p.reward.functions, run_dir=cfg.run_dir)  # rules and/or a reward model
-    context = {"learning_rate": p.learning_rate, "kl_coef": kl_ctl.value, "num_generations": p.num_generations,
-               "per_device_batch_size": p.minibatch_size, "max_new_tokens": p.max_new_tokens}
+    context = {"learning_rate": knobs.learning_rate, "kl_coef": knobs.kl_coef, "num_generations": knobs.num_generations,
+               "per_device_batch_size": knobs.micro_batch_size, "max_new_tokens": knobs.max_new_tokens}
     logger = MetricsLogger(out, "ppo", report_to=cfg.report_to, doctor_context=context,
                            live_doctor=cfg.doctor.enabled)
     if start:
         logger.truncate_after(start + 1)  # the first step to re-run is logged as start + 1
-    sampling = SamplingParams(max_new_tokens=p.max_new_tokens, temperature=p.temperature,
-                              top_p=p.top_p, top_k=p.top_k)
     generator = torch.Generator().manual_seed(cfg.seed + start)
     rng = random.Random(cfg.seed)
     bar = progress_bar(p.steps, f"ppo ({'LoRA' if p.lora.enabled else 'full'}, {p.critic} critic, "
                                 f"{p.prompts_per_step * p.num_generations} episodes/step)", initial=start)
     samples_file = open(out / "samples.jsonl", "a")
-    for step in range(start, p.steps):
+    step = start
+    while step < p.steps:
         timer = Timer()
+        # a fix that lowers the learning rate lowers the critic's too: a NaN can come from either
+        scale = knobs.learning_rate / p.learning_rate if p.learning_rate else 1.0
         mult = cosine_lr(step, p.steps, p.warmup_steps, min_ratio=1.0)
-        for group, peak in zip(optimizer.param_groups, peaks):
-            group["lr"] = peak * mult
+        for group, peak in zip(optimizer.param_groups, (p.learning_rate, p.critic_learning_rate or p.learning_rate)):
+            group["lr"] = peak * scale * mult
+        if knobs.gradient_checkpointing and not model.is_gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            if isinstance(value_model, Critic):
+                value_model.trunk.gradient_checkpointing_enable()
+        if fixer is not None:
+            fixer.begin_step(step)  # the weights this step's metrics will judge
+        try:
+            metrics, trajs = ppo_step(model, value_model, policy.ref_model, use_ref, tokenizer,
+                                      optimizer, policy.params, task, tools, renderer, suffix, problems, step, p,
+                                      knobs, generator, rng, reward_fns)
+        except (torch.OutOfMemoryError, MemoryError) as err:
+            handle_oom(fixer, logger, optimizer, step + 1, err, "lower ppo.minibatch_size")
+            continue  # nothing was applied: retry the step with the smaller settings
+        metrics.update({"learning_rate": optimizer.param_groups[0]["lr"], "kl_coef": knobs.kl_coef,
+                        "step_time": timer.seconds})
+        findings = logger.log(metrics, step + 1)
+        if fixer is not None:
+            for action in fixer.after_step(findings, metrics, step + 1, optimizer, len(trajs),
+                                           p.kl_coef > 0 or p.adaptive_kl):
+                logger.record(action)
+        else:
+            kl_ctl.update(metrics["kl"], len(trajs))
+            knobs.kl_coef = kl_ctl.value
+        log_samples(samples_file, tokenizer, trajs, rng, p.n_samples_logged, step + 1)
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}",
+                        kl=f"{metrics['kl']:.3f}", ev=f"{metrics['explained_variance']:.2f}")
+        step += 1
+        if p.save_every and step % p.save_every == 0 and step < p.steps:
+            save_all(model, tokenizer, value_model, ckpt, policy.base)
+            save_state(ckpt, step, optimizer, {"kl_coef": knobs.kl_coef, "knobs": knobs.__dict__})
+    bar.close()
+    samples_file.close()
+    logger.close()
+    save_all(model, tokenizer, value_model, ckpt, policy.base)
+    (ckpt / "trainer_state.pt").unlink(missing_ok=True)
+    info = {"checkpoint": str(ckpt), "base": policy.base, "steps": p.steps, "critic": p.critic}
+    mark_done(out, info)
+    return info
 
-        # 1. rollout
-        first = (step * p.prompts_per_step) % len(problems)
-        batch = [problems[(first + i) % len(problems)] for i in range(p.prompts_per_step)]
-        episodes = [q for q in batch for _ in range(p.num_generations)]
-        envs = make_envs(task, tools, p.reward, p.max_turns, len(episodes), suffix)
-        model.eval()
-        value_model.eval()
-        trajs = run_episodes(model, tokenizer, envs, episodes, sampling, renderer, generator)
-        rollout_seconds = timer.seconds
 
-        # 2. scores: extra rewards, reference log-probs, old values
-        reward_metrics = add_final_rewards(reward_fns, trajs)
-        width = max(len(t.ids) for t in trajs)
-        mask = right_aligned([t.mask for t in trajs], width)
-        old_logp = right_aligned([t.logps for t in trajs], width)
-        ref_logp = None
-        if use_ref:
-            ref_logp = reference_logprobs(model, ref_model, trajs, p.minibatch_size, p.temperature)
-        old_values = batched(critic if critic is not None else (lambda mb: policy_forward(model, mb, head)[2]),
-                             trajs, p.minibatch_size)
+def ppo_step(model, value_model, ref_model, use_ref: bool, tokenizer, optimizer, policy_params, task, tools,
+             renderer, suffix, problems, step, p, knobs, generator, rng, reward_fns=()) -> tuple[dict, list]:
+    """One PPO step (steps 1-6 of the module docstring); returns its metrics and trajectories.
+    Minibatches of p.minibatch_size episodes are split into micro-batches of
+    knobs.micro_batch_size (lowered by auto-fix on OOM) whose gradients add up to the minibatch's."""
+    timer = Timer()
+    critic = value_model if isinstance(value_model, Critic) else None
+    head = value_model if critic is None else None
+    value_params = list(value_model.parameters())
+    # 1. rollout
+    first = (step * p.prompts_per_step) % len(problems)
+    batch = [problems[(first + i) % len(problems)] for i in range(p.prompts_per_step)]
+    episodes = [q for q in batch for _ in range(knobs.num_generations)]
+    envs = make_envs(task, tools, p.reward, p.max_turns, len(episodes), suffix)
+    sampling = SamplingParams(max_new_tokens=knobs.max_new_tokens, temperature=p.temperature,
+                              top_p=p.top_p, top_k=p.top_k)
+    model.eval()
+    value_model.eval()
+    trajs = run_episodes(model, tokenizer, envs, episodes, sampling, renderer, generator)
+    rollout_seconds = timer.seconds
 
-        # 3-4. token rewards -> GAE -> whitened advantages and value targets
-        k1 = (old_logp - ref_logp) * mask if ref_logp is not None else None
-        advantages, returns = advantages_and_returns(trajs, old_values, p, k1 if p.kl_in_reward else None,
-                                                     kl_ctl.value)
-        if p.whiten_advantages:
-            advantages = masked_whiten(advantages, mask) * mask
+    # 2. scores: extra rewards, reference log-probs, old values
+    reward_metrics = add_final_rewards(reward_fns, trajs)
+    width = max(len(t.ids) for t in trajs)
+    mask = right_aligned([t.mask for t in trajs], width)
+    old_logp = right_aligned([t.logps for t in trajs], width)
+    ref_logp = None
+    if use_ref:
+        ref_logp = reference_logprobs(model, ref_model, trajs, knobs.micro_batch_size, p.temperature)
+    old_values = batched(critic if critic is not None else (lambda mb: policy_forward(model, mb, head)[2]),
+                         trajs, knobs.micro_batch_size)
 
-        # 5-6. clipped policy and value updates
-        model.train()
-        value_model.train()
-        stats = {k: [] for k in ("loss", "policy_loss", "value_loss", "entropy", "clip_ratio", "grad_norm")}
-        for _ in range(p.num_iterations):
-            order = list(range(len(trajs)))
-            rng.shuffle(order)
-            for lo in range(0, len(order), p.minibatch_size):
-                idx = order[lo:lo + p.minibatch_size]
+    # 3-4. token rewards -> GAE -> whitened advantages and value targets
+    k1 = (old_logp - ref_logp) * mask if ref_logp is not None else None
+    advantages, returns = advantages_and_returns(trajs, old_values, p, k1 if p.kl_in_reward else None,
+                                                 knobs.kl_coef)
+    if p.whiten_advantages:
+        advantages = masked_whiten(advantages, mask) * mask
+
+    # 5-6. clipped policy and value updates, micro-batches accumulated into minibatches
+    model.train()
+    value_model.train()
+    stats = {k: [] for k in ("loss", "policy_loss", "value_loss", "entropy", "clip_ratio", "grad_norm")}
+    skipped = 0
+    for _ in range(p.num_iterations):
+        order = list(range(len(trajs)))
+        rng.shuffle(order)
+        for lo in range(0, len(order), p.minibatch_size):
+            mb_idx = order[lo:lo + p.minibatch_size]
+            optimizer.zero_grad(set_to_none=True)
+            totals = {"loss": 0.0, "policy_loss": 0.0, "value_loss": 0.0}
+            for mlo in range(0, len(mb_idx), knobs.micro_batch_size):
+                idx = mb_idx[mlo:mlo + knobs.micro_batch_size]
                 mb = [trajs[i] for i in idx]
                 cols = slice(width - max(len(t.ids) for t in mb), width)
                 logp, entropy, values = policy_forward(model, mb, head, p.temperature)
@@ -264,73 +330,47 @@ def run(cfg: RunConfig) -> dict:
                 m, a, old = mask[idx, cols], advantages[idx, cols], old_logp[idx, cols]
                 per_token = clipped_surrogate(logp, old, a, p.epsilon, clip_eps_high=p.epsilon_high)
                 if ref_logp is not None and not p.kl_in_reward:
-                    per_token = per_token + kl_ctl.value * kl_penalty(logp, ref_logp[idx, cols], p.kl_estimator)
+                    per_token = per_token + knobs.kl_coef * kl_penalty(logp, ref_logp[idx, cols], p.kl_estimator)
+                # each part weighted by its share of the minibatch, so the accumulated gradient is the minibatch's
                 policy_loss = aggregate_loss(per_token, m, p.loss_type, max_len=p.max_new_tokens * p.max_turns)
+                policy_loss = policy_loss * accumulation_scale(p, mask[idx], mask[mb_idx])
                 value_loss = masked_mean(clipped_value_loss(values, old_values[idx, cols], returns[idx, cols],
                                                             p.value_clip), m)
+                value_loss = value_loss * float(mask[idx].sum() / mask[mb_idx].sum().clamp(min=1))
                 loss = policy_loss + p.vf_coef * value_loss
-                optimizer.zero_grad(set_to_none=True)
                 if not torch.isfinite(loss):
-                    stats["loss"].append(float("nan"))
-                    continue  # a NaN batch is skipped, never applied
+                    break
                 loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy_params, p.max_grad_norm)
-                torch.nn.utils.clip_grad_norm_(value_params, p.max_grad_norm)
-                optimizer.step()
-                ratio = torch.exp(logp.detach() - old)
-                eps_high = p.epsilon_high if p.epsilon_high is not None else p.epsilon
-                clipped = ((ratio < 1 - p.epsilon) & (a < 0)) | ((ratio > 1 + eps_high) & (a > 0))
-                for key, value in (("loss", loss), ("policy_loss", policy_loss), ("value_loss", value_loss),
-                                   ("entropy", masked_mean(entropy, m)), ("clip_ratio", masked_mean(clipped.float(), m)),
-                                   ("grad_norm", grad_norm)):
-                    stats[key].append(float(torch.as_tensor(value).detach()))
+                for key, value in (("loss", loss), ("policy_loss", policy_loss), ("value_loss", value_loss)):
+                    totals[key] += float(value.detach())
+                stats["entropy"].append(float(masked_mean(entropy, m)))
+                stats["clip_ratio"].append(float(masked_mean(clipped_tokens(logp, old, a, p).float(), m)))
+            else:  # every micro-batch was finite: clip (policy and critic apart) and apply
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy_params, knobs.max_grad_norm)
+                value_norm = torch.nn.utils.clip_grad_norm_(value_params, knobs.max_grad_norm)
+                if torch.isfinite(grad_norm) and torch.isfinite(value_norm):
+                    optimizer.step()
+                    for key, value in totals.items():
+                        stats[key].append(value)
+                    stats["grad_norm"].append(float(grad_norm))
+                    continue
+            skipped += 1  # a NaN loss or gradient: this minibatch is never applied
+            stats["loss"].append(float("nan"))  # logged, so that the doctor (and auto-fix) see it
+            optimizer.zero_grad(set_to_none=True)
 
-        # KL controller, metrics, samples, checkpoint
-        kl = float(masked_mean(kl_penalty(old_logp, ref_logp, p.kl_estimator), mask)) if ref_logp is not None else 0.0
-        kl_coef = kl_ctl.value
-        kl_ctl.update(kl, len(trajs))
-        rewards = torch.tensor([t.reward for t in trajs])
-        groups = rewards.view(-1, p.num_generations) if p.num_generations > 1 else rewards.view(1, -1)
-        n_calls = sum(t.n_tool_calls for t in trajs)
-        metrics = {
-            "reward": rewards.mean().item(),
-            "reward_std": groups.std(dim=1).nan_to_num(0.0).mean().item(),
-            "accuracy": sum(t.correct for t in trajs) / len(trajs),
-            "kl": kl,
-            **{k: sum(v) / len(v) for k, v in stats.items() if v},
-            "explained_variance": explained_variance(old_values, returns, mask),
-            "values/mean": float(masked_mean(old_values, mask)),
-            "learning_rate": peaks[0] * mult,
-            "kl_coef": kl_coef,
-            "completions/mean_length": sum(sum(t.mask) for t in trajs) / len(trajs),
-            "completions/clipped_ratio": sum(t.truncated for t in trajs) / len(trajs),
-            "turns/mean": sum(t.n_turns for t in trajs) / len(trajs),
-            "tools/call_frequency": n_calls / len(trajs),
-            "tools/failure_frequency": sum(t.n_tool_failures for t in trajs) / max(1, n_calls),
-            "frac_reward_zero_std": (groups.std(dim=1).nan_to_num(0.0) < 1e-6).float().mean().item(),
-            "format": sum(t.answered for t in trajs) / len(trajs),
-            **reward_metrics,
-            "rollout_time": rollout_seconds,
-            "step_time": timer.seconds,
-        }
-        logger.log(metrics, step + 1)
-        for t in rng.sample(trajs, min(p.n_samples_logged, len(trajs))):
-            samples_file.write(json.dumps(sample_record(tokenizer, t, step + 1)) + "\n")
-        samples_file.flush()
-        bar.update(1)
-        bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}",
-                        kl=f"{kl:.3f}", ev=f"{metrics['explained_variance']:.2f}")
-        if p.save_every and (step + 1) % p.save_every == 0 and step + 1 < p.steps:
-            save_all(model, tokenizer, value_model, ckpt, base)
-            save_state(ckpt, step + 1, optimizer, {"kl_coef": kl_ctl.value})
-    bar.close()
-    samples_file.close()
-    logger.close()
-    save_all(model, tokenizer, value_model, ckpt, base)
-    (ckpt / "trainer_state.pt").unlink(missing_ok=True)
-    info = {"checkpoint": str(ckpt), "base": base, "steps": p.steps, "critic": p.critic}
-    mark_done(out, info)
-    return info
+    kl = float(masked_mean(kl_penalty(old_logp, ref_logp, p.kl_estimator), mask)) if ref_logp is not None else 0.0
+    metrics = {
+        **episode_metrics(trajs, knobs.num_generations),
+        "kl": kl,
+        **{k: sum(v) / len(v) for k, v in stats.items() if v},
+        "explained_variance": explained_variance(old_values, returns, mask),
+        "values/mean": float(masked_mean(old_values, mask)),
+        **reward_metrics,
+        "rollout_time": rollout_seconds,
+    }
+    if skipped:
+        metrics.update({"event": "nan_skip", "skipped_minibatches": skipped})
+    return metrics, trajs
 
 
 def save_all(model, tokenizer, value_model, ckpt, base: str) -> None:

@@ -1,0 +1,74 @@
+"""The trainable policy of an RL stage (grpo, ppo): start weights, LoRA, KL reference, optimiser.
+
+Both RL recipes start the same way, so they share this one function: what differs between them
+(PPO's value model) is passed in, and the order of the steps is fixed here, because it decides
+which random numbers LoRA's initialisation draws and so the results of a seed.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from steprl.config import LoraConfig, RunConfig
+from steprl.models.loading import apply_lora, is_peft, load_policy, resolve
+from steprl.recipes.common import load_state
+from steprl.recipes.sft import previous_checkpoint
+
+
+@dataclass
+class Policy:
+    model: torch.nn.Module  # the trained network (a PEFT model under LoRA)
+    tokenizer: object
+    ref_model: torch.nn.Module | None  # frozen copy for full fine-tuning; None under LoRA (adapters off) or no KL
+    base: str  # the checkpoint it starts from (an adapter checkpoint points at it)
+    params: list  # the policy's trainable parameters (for gradient clipping)
+    optimizer: torch.optim.Optimizer  # group 0: the policy; group 1: the value model, if any
+    state: dict | None  # trainer_state.pt of an interrupted run: policy weights and optimiser restored
+    value_model: torch.nn.Module | None = None
+
+
+def setup_policy(cfg: RunConfig, stage: str, lora: LoraConfig, learning_rate: float, need_ref: bool,
+                 ckpt: Path, value_model: Callable | None = None, value_lr: float | None = None) -> Policy:
+    """Load the previous stage's checkpoint, add LoRA (or a frozen reference copy when a KL term
+    needs one), build AdamW, and resume from `ckpt` if an interrupted run left its state there.
+
+    Under LoRA the reference is the same network with its adapters disabled: no second copy.
+    `value_model(model)` (PPO) builds a value model from the loaded network before LoRA goes in,
+    so that a separate critic copies the plain trunk; it trains in a second optimiser group at
+    `value_lr`, and restoring its weights on resume is the caller's (it knows the file).
+    """
+    base = resolve(previous_checkpoint(cfg, stage))
+    model, tokenizer = load_policy(base)
+    critic = value_model(model) if value_model is not None else None
+    ref_model = None
+    if lora.enabled:
+        model = apply_lora(model, lora)
+    elif need_ref:
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    state = load_state(ckpt) if ckpt.is_dir() else None
+    if state:
+        load_weights(model, ckpt)
+    params = [q for q in model.parameters() if q.requires_grad]
+    groups = [{"params": params, "lr": learning_rate}]
+    if critic is not None:
+        groups.append({"params": list(critic.parameters()), "lr": value_lr or learning_rate})
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+    return Policy(model, tokenizer, ref_model, base, params, optimizer, state, critic)
+
+
+def load_weights(model, directory) -> None:
+    """Restore trained weights (adapter or full model) saved by save_checkpoint, for resuming."""
+    from safetensors.torch import load_file
+
+    if is_peft(model):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(str(directory / "adapter_model.safetensors")))
+    else:
+        model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=False)
