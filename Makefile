@@ -27,9 +27,12 @@ demo: setup
 test: setup browser
 	$(PY) -m pytest -q
 
+# Issue 5's benchmark (tens of minutes; run it on an idle machine). TRL is a benchmark-only extra.
+# `make bench BENCH_ARGS="--skip-trl"` etc. pass flags through; `--quick` is the < 1 min smoke check.
+BENCH_ARGS ?=
 bench: setup
 	$(PY) -m pip install -q -e ".[bench]"
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/run.py --json $(BENCH_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -3,16 +3,25 @@
 `GRPOTrainer`, side by side in one process, with the compute roofline measured in the same run.
 
     python benchmarks/run.py --json            # everything (SmolLM2-135M + tiny model, TRL if installed)
-    python benchmarks/run.py --quick --json    # smoke check: tiny model, batch 2, 4 tokens, 1 repeat
+    python benchmarks/run.py --quick --json    # smoke check (< 1 min): tiny model, tiny sizes, 1 repeat
 
 Parts (docs/benchmarks.md has the method and the FLOP conventions):
   1. roofline   GFLOP/s of a large fp32 matmul (median of several reps)
-  2. generation tokens/s of `steprl.rollout.sampling.generate` vs HF `model.generate(do_sample=True)`
-                on the same left-padded prompts, exactly the same number of new tokens per row
-  3. GRPO step  one `steprl.recipes.grpo.grpo_step` (4 prompts x 4 generations, <= 64 new tokens,
-                kl_coef 0.04), full fine-tuning and LoRA r16 on q,k,v,o
-  4. TRL        `trl.GRPOTrainer` with identical settings, timed per step (only if `import trl` works)
-  5. memory     peak RSS (getrusage ru_maxrss) of this process after our GRPO steps, and of children
+  2. generation tokens/s of `steprl.rollout.sampling.generate` vs HF `model.generate(do_sample=True)`,
+                same prompts and sampling settings, exactly the same number of new tokens per row, at
+                batch 16 and 64: B distinct prompts, and the GRPO shape B/G prompts x G copies (ours
+                shares their prefix; HF gets `num_return_sequences=G`)
+  3. GRPO step  `steprl.recipes.grpo.grpo_step` (4 prompts x 4 generations, <= 64 new tokens,
+                kl_coef 0.04, fp32), full fine-tuning and LoRA r16 on q,k,v,o
+  4. TRL        `trl.GRPOTrainer` with identical settings, timed per step (only if `import trl` works:
+                `pip install -e '.[bench]'`, TRL 1.16)
+  5. memory     peak RSS of each GRPO part's steps, read in this process (Linux resets the high-water
+                mark through /proc/self/clear_refs; elsewhere ru_maxrss, an upper bound)
+
+Roofline fractions: generation 2P FLOPs per generated token; the training passes (reference + update)
+2P + 6P per real token for full fine-tuning, 2P + 4P + 6P_A under LoRA (the frozen base gets
+activation gradients but no weight gradients; P_A = adapter parameters), over the step time
+after the rollout.
 
 With --json the LAST line printed is one JSON object with gen_speedup_vs_hf,
 grpo_step_speedup_vs_trl (null when TRL is absent, with grpo_step_speedup_vs_trl_reason),
@@ -22,7 +31,9 @@ Progress goes to stderr, the table and the JSON line to stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import ctypes
 import dataclasses
 import gc
 import json
@@ -62,13 +73,39 @@ def median(xs):
 
 
 def peak_rss_gb(who=resource.RUSAGE_SELF) -> float:
-    """ru_maxrss: kilobytes on Linux, bytes on macOS."""
+    """ru_maxrss, the peak since the process started: kilobytes on Linux, bytes on macOS."""
     r = resource.getrusage(who).ru_maxrss
     return (r if sys.platform == "darwin" else r * 1024) / GB
 
 
 def free_memory() -> None:
+    """Collect garbage and give freed heap back to the OS (glibc's malloc_trim), so that what an
+    earlier part left cached does not count in a later part's peak."""
     gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_peak_rss() -> bool:
+    """Reset the process's resident high-water mark (Linux: write 5 to /proc/self/clear_refs), so
+    that one part's peak can be read on its own, in this process. False where that is impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_since_reset_gb(was_reset: bool) -> float:
+    """VmHWM since `reset_peak_rss` (GB); without a reset, ru_maxrss (an upper bound)."""
+    if was_reset:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / GB
+    return peak_rss_gb()
 
 
 # --------------------------------------------------------------------------------- 1. roofline
@@ -115,33 +152,51 @@ def lora_params(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
 
 
-def grpo_step_flops(P: dict, trajs, group_size: int, kl: bool, lora: bool, P_A: int) -> dict:
-    """FLOPs of one GRPO step under two conventions (docs/benchmarks.md, "FLOP conventions").
+PHASES = ("rollout", "reference", "update")
 
-    simple (the issue's): every real (non-padding) token of every sequence, prompt included, costs
-      rollout 2(P + P_A) + reference 2P (if kl) + train: full 6P, LoRA 4P + 6 P_A.
-      Forward = 2P; backward = 2P for activation gradients + 2P for weight gradients, and the last
-      term only exists for trainable weights: LoRA drops it for the frozen base and adds the
-      adapters' own 2 + 2 + 2 P_A.
-    min_work: what any implementation has to compute: a group's shared prompt once per pass (not
-      once per generation), the LM head only where a log-prob or a sample is needed (completion
-      tokens), the body everywhere else. An engine that shares prefixes or skips the head can only
-      approach this; under "simple" it could exceed 100%.
+
+def per_token_flops(P: dict, P_A: int, kl: bool, lora: bool, body_only: bool = False) -> dict:
+    """FLOPs per token of each phase of a GRPO step (P_A = 0 without LoRA):
+
+      rollout   2(P + P_A)                 a forward (the adapters run unmerged)
+      reference 2P, only when kl           a forward of the frozen reference
+      update    full: 6P; LoRA: 4P + 6P_A  forward 2P + backward 4P: 2P for the activation gradients and
+                                           2P for the weight gradients. Under LoRA the frozen base needs
+                                           no weight gradients, only the activation gradients (adapters
+                                           sit in every layer down to the first), and the adapters cost
+                                           their own 2 + 2 + 2 P_A: an update is ~2/3 of full fine-tuning's
+                                           work, so at equal speed LoRA shows a lower roofline fraction.
+    body_only: the same without the LM head (positions where no logit is needed).
     """
-    p, pb, pa = P["matmul"], P["body"], P_A if lora else 0
-    train_full_tok = 6 * p if not lora else 4 * p + 6 * pa
-    train_body_tok = 6 * pb if not lora else 4 * pb + 6 * pa
-    per_tok_simple = 2 * (p + pa) + (2 * p if kl else 0) + train_full_tok
-    simple = sum((len(t.prompt_ids) + len(t.ids)) * per_tok_simple for t in trajs)
-    min_work = 0
+    p = P["body"] if body_only else P["matmul"]
+    pa = P_A if lora else 0
+    return {"rollout": 2 * (p + pa), "reference": 2 * p if kl else 0,
+            "update": 4 * p + 6 * pa if lora else 6 * p}
+
+
+def grpo_step_flops(P: dict, trajs, group_size: int, kl: bool, lora: bool, P_A: int) -> dict:
+    """FLOPs of each phase of one GRPO step, under two conventions (docs/benchmarks.md, "FLOP conventions").
+
+    simple (the issue's: 2P per generated token, 6P per trained token): every real (non-padding)
+      token of every sequence, prompt included, at `per_token_flops`.
+    min_work: what any implementation has to compute: a group's shared prompt once per pass (not once
+      per generation) and without the LM head (no logit is needed there); completion tokens in full.
+      An engine that shares prefixes or skips the head can exceed 100% of the roofline under
+      "simple"; under "min_work" it cannot, so savings show up as speed, not as inflated utilisation.
+    Returns {"simple": {phase: flops}, "min_work": {phase: flops}}.
+    """
+    full = per_token_flops(P, P_A, kl, lora)
+    body = per_token_flops(P, P_A, kl, lora, body_only=True)
+    n_tokens = sum(len(t.prompt_ids) + len(t.ids) for t in trajs)
+    simple = {k: n_tokens * full[k] for k in PHASES}
+    min_work = dict.fromkeys(PHASES, 0.0)
     for lo in range(0, len(trajs), group_size):
         group = trajs[lo:lo + group_size]
         shared = all(t.prompt_ids == group[0].prompt_ids for t in group)
-        prompt_count = 1 if shared else len(group)
-        lp = len(group[0].prompt_ids) if shared else sum(len(t.prompt_ids) for t in group) / len(group)
-        body_tok = 2 * (pb + pa) + (2 * pb if kl else 0) + train_body_tok
-        min_work += prompt_count * lp * body_tok
-        min_work += sum(len(t.ids) for t in group) * per_tok_simple
+        prompt_tokens = len(group[0].prompt_ids) if shared else sum(len(t.prompt_ids) for t in group)
+        completion_tokens = sum(len(t.ids) for t in group)
+        for k in PHASES:
+            min_work[k] += prompt_tokens * body[k] + completion_tokens * full[k]
     return {"simple": simple, "min_work": min_work}
 
 
@@ -191,9 +246,12 @@ def task_prompts(tokenizer, n: int):
 # --------------------------------------------------------------------------------- 2. generation
 
 class NoStop:
-    """StopChecker-compatible object that never ends a row: every row yields max_new_tokens tokens."""
+    """A stop checker that never ends a row, so every row yields exactly max_new_tokens tokens (HF's
+    side gets `min_new_tokens`). It has the real checker's `eos_ids` (an id no token has), so that
+    `generate` takes the same vectorised path as in training."""
 
     stop_strings = ()
+    eos_ids = {-1}
 
     def is_eos(self, token: int) -> bool:
         return False
@@ -202,25 +260,34 @@ class NoStop:
         return False
 
 
-def bench_generation(name, model, tok, prompts, batch, new_tokens, repeats, peak_gflops, seed=0):
+def bench_generation(name, model, tok, prompts, batch, new_tokens, repeats, peak_gflops, group=1, seed=0):
+    """Tokens/s of our `generate` and HF's `model.generate` on the same prompts, same sampling
+    settings (temperature 1, top_p 1, top_k 0), exactly `new_tokens` per row on both sides.
+
+    group = 1: `batch` distinct prompts. group = G > 1: the GRPO shape, batch / G prompts x G copies:
+    ours gets the copies as rows (its prefill shares their common prefix), HF gets the distinct
+    prompts with `num_return_sequences=G` (HF's own way to sample a group; it prefills every copy).
+    """
     from steprl.rollout.sampling import SamplingParams, generate, left_pad
 
-    rows = [prompts[i % len(prompts)] for i in range(batch)]
+    assert batch % group == 0, f"batch {batch} is not a multiple of the group size {group}"
+    distinct = [prompts[i % len(prompts)] for i in range(batch // group)]
+    rows = [p for p in distinct for _ in range(group)]  # consecutive copies, as grpo_step makes them
     params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, top_p=1.0, top_k=0)
-    ids, mask, _ = left_pad(rows, tok.pad_token_id)
+    ids, mask, _ = left_pad(distinct, tok.pad_token_id)
 
     def ours():
         gen = torch.Generator().manual_seed(seed)
         tokens, _, _ = generate(model, tok, rows, params, stop=NoStop(), generator=gen)
-        assert all(len(t) == new_tokens for t in tokens), "ours: a row did not get max_new_tokens"
+        assert len(tokens) == batch and all(len(t) == new_tokens for t in tokens), "ours: not exactly N tokens"
 
     def hf():
         torch.manual_seed(seed)
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0,
                              top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id)
-        assert out.shape[1] - ids.shape[1] == new_tokens, "HF: not exactly max_new_tokens"
+                             min_new_tokens=new_tokens, num_return_sequences=group,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        assert out.shape == (batch, ids.shape[1] + new_tokens), "HF: not exactly N tokens per row"
 
     with torch.inference_mode():
         ours(), hf()  # warm-up
@@ -233,37 +300,35 @@ def bench_generation(name, model, tok, prompts, batch, new_tokens, repeats, peak
     P = flop_params(model)
     n_new = batch * new_tokens
     s_ours, s_hf = median(t_ours), median(t_hf)
-    prompt_tokens = sum(len(r) for r in rows)
+    prompt_tokens = sum(len(r) for r in distinct)  # each distinct prompt once: the least any prefill needs
     prefill = 2 * P["body"] * prompt_tokens  # + the head once per row, ignored
     peak = peak_gflops * 1e9
     row = {
-        "model": name, "batch": batch, "new_tokens": new_tokens, "repeats": repeats,
-        "prompt_tokens_mean": prompt_tokens / batch, "padded_width": int(ids.shape[1]),
+        "model": name, "batch": batch, "group": group, "new_tokens": new_tokens, "repeats": repeats,
+        "prompt_tokens_mean": sum(len(r) for r in rows) / batch, "padded_width": int(ids.shape[1]),
         "params_matmul": P["matmul"],
         "ours_seconds": s_ours, "hf_seconds": s_hf, "ours_seconds_all": t_ours, "hf_seconds_all": t_hf,
         "ours_tok_s": n_new / s_ours, "hf_tok_s": n_new / s_hf, "speedup": s_hf / s_ours,
         # the issue's convention: 2 x params per generated token (prefill not credited)
         "ours_roofline_fraction": 2 * P["matmul"] * n_new / s_ours / peak,
         "hf_roofline_fraction": 2 * P["matmul"] * n_new / s_hf / peak,
-        # the prefill credited too (real prompt tokens, not padding)
+        # the prefill credited too (each distinct prompt's real tokens once, not padding)
         "ours_roofline_fraction_incl_prefill": (prefill + 2 * P["matmul"] * n_new) / s_ours / peak,
         "hf_roofline_fraction_incl_prefill": (prefill + 2 * P["matmul"] * n_new) / s_hf / peak,
     }
-    log(f"generation {name} batch {batch}: ours {row['ours_tok_s']:.1f} tok/s, "
+    shape = f"{batch // group}x{group}" if group > 1 else f"{batch}"
+    log(f"generation {name} batch {shape}: ours {row['ours_tok_s']:.1f} tok/s, "
         f"HF {row['hf_tok_s']:.1f} tok/s, x{row['speedup']:.2f}")
     return row
 
 
 # --------------------------------------------------------------------------------- 3. our GRPO step
 
-def grpo_settings(quick: bool) -> dict:
-    if quick:
-        return {"prompts": 2, "generations": 2, "max_new_tokens": 4}
-    return {"prompts": 4, "generations": 4, "max_new_tokens": 64}
-
-
 def bench_grpo_ours(name, factory, lora: bool, s: dict, repeats: int, peak_gflops: float,
-                    kl_coef: float = 0.04, lr: float = 1e-6, max_turns: int = 1) -> dict:
+                    kl_coef: float = 0.04, lr: float = 1e-6, max_turns: int = 1, micro_batch_size: int = 0) -> dict:
+    """`grpo_step` timed: one warm-up step, then `repeats` steps; the rollout's share from the step's
+    own `rollout_time`, the passes (reference + update) are the rest. Peak RSS of the steps alone
+    (model, reference copy and optimiser state resident) and of the whole part (loading included)."""
     from steprl.config import LoraConfig, RunConfig, TaskConfig, validate
     from steprl.models.loading import apply_lora
     from steprl.monitor.autofix import Knobs
@@ -276,11 +341,13 @@ def bench_grpo_ours(name, factory, lora: bool, s: dict, repeats: int, peak_gflop
     g.prompts_per_step, g.num_generations = s["prompts"], s["generations"]
     g.max_new_tokens, g.max_turns, g.kl_coef = s["max_new_tokens"], max_turns, kl_coef
     g.minibatch_size = s["prompts"] * s["generations"]  # one optimiser step per GRPO step, like TRL
-    g.micro_batch_size, g.num_iterations, g.learning_rate = 0, 1, lr
+    g.micro_batch_size, g.num_iterations, g.learning_rate = micro_batch_size, 1, lr
     g.temperature, g.top_p, g.top_k = 1.0, 1.0, 0
     g.lora = LoraConfig(enabled=lora, r=16, alpha=32, dropout=0.0, target_modules=list(LORA_TARGETS))
     validate(cfg)
 
+    free_memory()
+    part_reset = reset_peak_rss()
     torch.manual_seed(cfg.seed)
     model, tok = factory()
     P = flop_params(model)
@@ -298,6 +365,8 @@ def bench_grpo_ours(name, factory, lora: bool, s: dict, repeats: int, peak_gflop
     knobs = Knobs(g.learning_rate, g.kl_coef, g.micro_batch_size or g.minibatch_size, g.num_generations,
                   g.max_new_tokens, g.max_grad_norm, g.gradient_checkpointing)
     generator, rng = torch.Generator().manual_seed(cfg.seed), random.Random(cfg.seed)
+    rss_part = peak_rss_since_reset_gb(part_reset)  # loading and set-up
+    steps_reset = reset_peak_rss()
 
     times, rollout, flops, lengths, prompt_lens = [], [], [], [], []
     for step in range(1 + repeats):  # step 0 is the warm-up
@@ -314,22 +383,33 @@ def bench_grpo_ours(name, factory, lora: bool, s: dict, repeats: int, peak_gflop
         flops.append(grpo_step_flops(P, trajs, g.num_generations, kl_coef > 0, lora, P_A))
         lengths.append(sum(len(t.ids) for t in trajs) / len(trajs))
         prompt_lens.append(sum(len(t.prompt_ids) for t in trajs) / len(trajs))
-    rss = peak_rss_gb()
+    rss_steps = peak_rss_since_reset_gb(steps_reset)
+    rss_part = max(rss_part, rss_steps)
     del model, ref_model, optimizer, params
     free_memory()
-    peak, total_s = peak_gflops * 1e9, sum(times)
+    peak, total_s, total_rollout = peak_gflops * 1e9, sum(times), sum(rollout)
+    total_passes = total_s - total_rollout
+
+    def summed(conv, phases=PHASES):
+        return sum(f[conv][k] for f in flops for k in phases)
+
     n_seq = s["prompts"] * s["generations"]
     return {
         "impl": "steprl", "model": name, "mode": "lora" if lora else "full", "repeats": repeats,
         "step_seconds": median(times), "step_seconds_all": times, "rollout_seconds": median(rollout),
+        "passes_seconds": median([a - b for a, b in zip(times, rollout)]),
         "mean_completion_tokens": statistics.mean(lengths), "mean_prompt_tokens": statistics.mean(prompt_lens),
         "completion_tokens_per_s": statistics.mean(lengths) * n_seq * len(times) / total_s,
         "params_matmul": P["matmul"], "params_lora": P_A, "max_turns": max_turns,
-        "step_flops_simple": statistics.mean(f["simple"] for f in flops),
-        "step_flops_min_work": statistics.mean(f["min_work"] for f in flops),
-        "roofline_fraction": sum(f["simple"] for f in flops) / total_s / peak,
-        "roofline_fraction_min_work": sum(f["min_work"] for f in flops) / total_s / peak,
-        "peak_rss_gb_after": rss,
+        "micro_batch_size": knobs.micro_batch_size,
+        "step_flops_simple": summed("simple") / len(flops), "step_flops_min_work": summed("min_work") / len(flops),
+        # the training step: reference + update FLOPs over the time after the rollout
+        "roofline_fraction": summed("simple", ("reference", "update")) / total_passes / peak,
+        "roofline_fraction_min_work": summed("min_work", ("reference", "update")) / total_passes / peak,
+        # the whole step, rollout included, over the whole step time
+        "step_roofline_fraction": summed("simple") / total_s / peak,
+        "step_roofline_fraction_min_work": summed("min_work") / total_s / peak,
+        "peak_rss_gb_steps": rss_steps, "peak_rss_gb_part": rss_part, "peak_rss_exact": steps_reset,
     }
 
 
@@ -355,6 +435,8 @@ def bench_grpo_trl(name, factory, lora: bool, s: dict, repeats: int, peak_gflops
 
     from steprl.tasks.base import answers_match, extract_answer
 
+    free_memory()
+    part_reset = reset_peak_rss()
     model, tok = factory()
     workdir = tempfile.mkdtemp(prefix="steprl-bench-trl-")
     if not Path(str(model.config._name_or_path)).is_dir():
@@ -364,8 +446,11 @@ def bench_grpo_trl(name, factory, lora: bool, s: dict, repeats: int, peak_gflops
         model = AutoModelForCausalLM.from_pretrained(workdir + "/model", dtype=torch.float32)
     P = flop_params(model)
     n_seq = s["prompts"] * s["generations"]
-    prompt_ids, messages, problems = task_prompts(tok, s["prompts"] * (repeats + 1))
+    _, messages, problems = task_prompts(tok, s["prompts"] * (repeats + 1))
     dataset = Dataset.from_list([{"prompt": m, "answer": p.answer} for m, p in zip(messages, problems)])
+    # the prompts as TRL tokenises them (its own call of the chat template)
+    trl_prompt_lens = [len(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True, return_dict=True)
+                           ["input_ids"]) for m in messages]
 
     def correctness(completions, answer, **kwargs):
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
@@ -373,9 +458,11 @@ def bench_grpo_trl(name, factory, lora: bool, s: dict, repeats: int, peak_gflops
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.begin, self.ends = None, []
+            self.begin, self.ends, self.steps_reset, self.setup_rss = None, [], False, 0.0
 
         def on_train_begin(self, args, state, control, **kw):
+            self.setup_rss = peak_rss_since_reset_gb(part_reset)  # loading and the trainer's set-up
+            self.steps_reset = reset_peak_rss()  # the steps' own peak from here
             self.begin = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
@@ -404,33 +491,51 @@ def bench_grpo_trl(name, factory, lora: bool, s: dict, repeats: int, peak_gflops
     trainer = trl.GRPOTrainer(model=model, reward_funcs=[correctness], args=args, train_dataset=dataset,
                               processing_class=tok, peft_config=peft_config, callbacks=[timer])
     P_A = lora_params(trainer.model) if lora else 0
+    gen_times = []
+    if callable(getattr(trainer, "_generate", None)):  # time TRL's generation (a private method: optional)
+        generate = trainer._generate
+
+        def timed_generate(*a, **kw):
+            t = time.perf_counter()
+            out = generate(*a, **kw)
+            gen_times.append(time.perf_counter() - t)
+            return out
+
+        trainer._generate = timed_generate
     try:
-        trainer.train()
+        with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its log dicts: keep stdout for the table
+            trainer.train()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    rss_steps = peak_rss_since_reset_gb(timer.steps_reset)
+    rss_part = max(timer.setup_rss, rss_steps)
     times = [b - a for a, b in zip(timer.ends, timer.ends[1:])]  # step 0 (warm-up) dropped
+    gen = gen_times[1:1 + len(times)] if len(gen_times) == len(times) + 1 else []
     logs = [h for h in trainer.state.log_history if "completions/mean_length" in h]
     lengths = [h["completions/mean_length"] for h in logs[1:]] or [h["completions/mean_length"] for h in logs]
     mean_len = statistics.mean(lengths) if lengths else float(s["max_new_tokens"])
-    rss = peak_rss_gb()
     del trainer, model
     free_memory()
     # FLOPs under the "simple" convention, with TRL's logged mean completion length (approximate)
-    mean_prompt = statistics.mean(len(p) for p in prompt_ids)
-    p, pa = P["matmul"], P_A
-    per_tok = 2 * (p + pa) + (2 * p if kl_coef > 0 else 0) + (4 * p + 6 * pa if lora else 6 * p)
-    flops = n_seq * (mean_prompt + mean_len) * per_tok
-    total_s = sum(times)
+    mean_prompt = statistics.mean(trl_prompt_lens)
+    per_tok = per_token_flops(P, P_A, kl_coef > 0, lora)
+    step_flops = n_seq * (mean_prompt + mean_len) * sum(per_tok.values())
+    pass_flops = n_seq * (mean_prompt + mean_len) * (per_tok["reference"] + per_tok["update"])
+    total_s, peak = sum(times), peak_gflops * 1e9
+    total_passes = total_s - sum(gen) if gen else None
     dropped = sorted(k for k in want if k not in fields)
     return {
         "impl": "trl", "trl_version": trl.__version__, "model": name, "mode": "lora" if lora else "full",
         "repeats": len(times), "step_seconds": median(times), "step_seconds_all": times,
+        "rollout_seconds": median(gen), "passes_seconds": median([a - b for a, b in zip(times, gen)]) if gen else None,
         "mean_completion_tokens": mean_len, "mean_prompt_tokens": mean_prompt,
         "completion_tokens_per_s": mean_len * n_seq * len(times) / total_s if total_s else None,
         "params_matmul": P["matmul"], "params_lora": P_A,
-        "step_flops_simple": flops, "roofline_fraction": flops / (total_s / max(len(times), 1)) / (peak_gflops * 1e9)
-        if times else None,
-        "config_keys_not_in_this_trl": dropped, "peak_rss_gb_after": rss,
+        "step_flops_simple": step_flops,
+        "roofline_fraction": pass_flops * len(times) / total_passes / peak if total_passes else None,
+        "step_roofline_fraction": step_flops * len(times) / total_s / peak if total_s else None,
+        "config_keys_not_in_this_trl": dropped,
+        "peak_rss_gb_steps": rss_steps, "peak_rss_gb_part": rss_part, "peak_rss_exact": timer.steps_reset,
     }
 
 
@@ -471,25 +576,31 @@ def print_table(res: dict) -> None:
           f"(median of {mm['reps']}, {mm['threads']} threads)")
     if res["generation"]:
         r0 = res["generation"][0]
-        print(f"\ngeneration: {r0['new_tokens']} new tokens per row, temperature 1, top_p 1, "
-              f"median of {r0['repeats']} after a warm-up")
-        print(f"{'model':<9}{'batch':>6}{'prompt':>8}{'ours tok/s':>12}{'HF tok/s':>10}{'speedup':>9}"
+        print(f"\ngeneration: exactly {r0['new_tokens']} new tokens per row, temperature 1, top_p 1, "
+              f"median of {r0['repeats']} after a warm-up; batch PxG = P prompts x G copies "
+              f"(HF: num_return_sequences=G); roofline = 2 x params per generated token")
+        print(f"{'model':<9}{'batch':>7}{'prompt':>8}{'ours tok/s':>12}{'HF tok/s':>10}{'speedup':>9}"
               f"{'ours roof':>11}{'HF roof':>9}{'ours roof+pre':>15}")
         for r in res["generation"]:
-            print(f"{r['model']:<9}{r['batch']:>6}{r['prompt_tokens_mean']:>8.0f}{r['ours_tok_s']:>12.1f}"
+            shape = f"{r['batch'] // r['group']}x{r['group']}" if r["group"] > 1 else str(r["batch"])
+            print(f"{r['model']:<9}{shape:>7}{r['prompt_tokens_mean']:>8.0f}{r['ours_tok_s']:>12.1f}"
                   f"{r['hf_tok_s']:>10.1f}{r['speedup']:>9.2f}{r['ours_roofline_fraction']:>11.1%}"
                   f"{r['hf_roofline_fraction']:>9.1%}{r['ours_roofline_fraction_incl_prefill']:>15.1%}")
     if res["grpo"]:
         s = res["settings"]["grpo"]
         print(f"\nGRPO step: {s['prompts']} prompts x {s['generations']} generations, <= {s['max_new_tokens']} "
-              f"new tokens, beta {s['kl_coef']}, fp32, median of timed steps after a warm-up step")
-        print(f"{'impl':<8}{'model':<9}{'mode':<6}{'step s':>8}{'rollout s':>11}{'compl len':>11}"
-              f"{'compl tok/s':>13}{'roofline':>10}{'min-work':>10}{'RSS GB':>8}")
+              f"new tokens, beta {s['kl_coef']}, fp32, median of timed steps after a warm-up step.\n"
+              "train roof: (reference 2P + update) FLOPs per real token / (step - rollout) seconds, update = 6P "
+              "full, 4P + 6P_A LoRA (no weight gradients\nfor the frozen base); step roof: the same plus the "
+              "rollout's 2(P + P_A), over the whole step; min-work: shared prompts once, no LM head on them")
+        print(f"{'impl':<8}{'model':<9}{'mode':<6}{'step s':>8}{'rollout s':>11}{'passes s':>10}{'compl len':>11}"
+              f"{'train roof':>12}{'min-work':>10}{'step roof':>11}{'RSS GB':>8}")
         for r in res["grpo"]:
             print(f"{r['impl']:<8}{r['model']:<9}{r['mode']:<6}{fmt(r['step_seconds']):>8}"
-                  f"{fmt(r.get('rollout_seconds')):>11}{fmt(r['mean_completion_tokens'], '.1f'):>11}"
-                  f"{fmt(r['completion_tokens_per_s'], '.1f'):>13}{fmt(r['roofline_fraction'], '.1%'):>10}"
-                  f"{fmt(r.get('roofline_fraction_min_work'), '.1%'):>10}{fmt(r['peak_rss_gb_after']):>8}")
+                  f"{fmt(r.get('rollout_seconds')):>11}{fmt(r.get('passes_seconds')):>10}"
+                  f"{fmt(r['mean_completion_tokens'], '.1f'):>11}{fmt(r['roofline_fraction'], '.1%'):>12}"
+                  f"{fmt(r.get('roofline_fraction_min_work'), '.1%'):>10}{fmt(r['step_roofline_fraction'], '.1%'):>11}"
+                  f"{fmt(r['peak_rss_gb_steps']):>8}")
     for err in res["errors"]:
         print(f"error: {err}")
     h = res
@@ -497,27 +608,37 @@ def print_table(res: dict) -> None:
           f"{fmt(h['gen_roofline_fraction'], '.1%')} of roofline; GRPO step "
           f"x{fmt(h['grpo_step_speedup_vs_trl'])} vs TRL"
           f"{' (' + h['grpo_step_speedup_vs_trl_reason'] + ')' if h.get('grpo_step_speedup_vs_trl_reason') else ''}, "
-          f"{fmt(h['train_roofline_fraction'], '.1%')} of roofline; peak RSS {fmt(h['peak_rss_gb'])} GB\n")
+          f"training passes {fmt(h['train_roofline_fraction'], '.1%')} of roofline; "
+          f"peak RSS of the GRPO step {fmt(h['peak_rss_gb'])} GB\n")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
-                    help="smoke check: tiny model only, batch 2, 4 new tokens, 1 repeat, 2x2 GRPO")
+                    help="smoke check (< 1 min): tiny model only, batch 4 (and 2x2), 4 new tokens, 1 repeat, "
+                         "a 2x2 GRPO step of 4 tokens, 1 torch thread")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     ap.add_argument("--skip-trl", action="store_true", help="do not run TRL's GRPOTrainer")
     ap.add_argument("--skip-smollm2", action="store_true", help="tiny model only (GRPO on the tiny model)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats (median), after one warm-up")
     ap.add_argument("--batches", default="16,64", help="generation batch sizes")
+    ap.add_argument("--group", type=int, default=4,
+                    help="also time each batch in the GRPO shape, batch/G prompts x G copies (1: don't)")
     ap.add_argument("--new-tokens", type=int, default=64, help="new tokens per row in the generation part")
     ap.add_argument("--matmul-size", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0 = torch's default, all cores; --quick uses 1)")
+    ap.add_argument("--grpo-prompts", type=int, default=4)
+    ap.add_argument("--grpo-generations", type=int, default=4)
+    ap.add_argument("--grpo-max-new-tokens", type=int, default=64)
+    ap.add_argument("--grpo-micro-batch", type=int, default=0,
+                    help="our GRPO step's micro_batch_size (0 = the whole minibatch of P x G in one pass)")
     ap.add_argument("--grpo-max-turns", type=int, default=1,
                     help="our GRPO step's max_turns (1 = single turn, like TRL)")
     a = ap.parse_args(argv)
     if a.quick:
-        a.skip_smollm2, a.repeats, a.batches, a.new_tokens = True, 1, "2", 4
+        a.skip_smollm2, a.repeats, a.batches, a.new_tokens, a.group = True, 1, "4", 4, min(a.group, 2)
+        a.grpo_prompts, a.grpo_generations, a.grpo_max_new_tokens = 2, 2, 4
         a.matmul_size = min(a.matmul_size, 1024)
         a.threads = a.threads or 1  # a smoke check: light on a shared machine, immune to oversubscription
     if a.threads > 0:
@@ -547,30 +668,32 @@ def main(argv=None) -> int:
             errors.append(f"smollm2 unavailable, skipped: {type(err).__name__}: {err}")
             log(errors[-1])
 
-    # 2. generation
+    # 2. generation: distinct prompts, then the GRPO shape (P prompts x G copies)
     gen_rows = []
     for name, factory in models:
         model, tok = factory()
         prompts, _, _ = task_prompts(tok, max(batches))
         for b in batches:
-            gen_rows.append(bench_generation(name, model, tok, prompts, b, a.new_tokens, a.repeats, mm["gflops"]))
+            for group in sorted({1, a.group if a.group > 1 and b % a.group == 0 else 1}):
+                gen_rows.append(bench_generation(name, model, tok, prompts, b, a.new_tokens, a.repeats,
+                                                 mm["gflops"], group=group))
         del model
         free_memory()
     rss_after_gen = peak_rss_gb()
 
-    # 3. our GRPO step (LoRA first: ru_maxrss only grows, so each reading bounds that part's peak)
-    s = grpo_settings(a.quick)
+    # 3. our GRPO step (LoRA first: where the peak cannot be reset, ru_maxrss only grows, and each
+    #    reading then bounds that part's peak)
+    s = {"prompts": a.grpo_prompts, "generations": a.grpo_generations, "max_new_tokens": a.grpo_max_new_tokens}
     grpo_name, grpo_factory = models[0]
     grpo_rows = []
     for lora in (True, False):
         try:
             grpo_rows.append(bench_grpo_ours(grpo_name, grpo_factory, lora, s, a.repeats, mm["gflops"],
-                                             max_turns=a.grpo_max_turns))
+                                             max_turns=a.grpo_max_turns, micro_batch_size=a.grpo_micro_batch))
         except Exception as err:
             errors.append(f"our GRPO step ({'lora' if lora else 'full'}) failed: {type(err).__name__}: {err}")
             log(errors[-1] + "\n" + traceback.format_exc())
         free_memory()
-    rss_after_ours = peak_rss_gb()
 
     # 4. TRL
     trl_reason = None
@@ -591,11 +714,12 @@ def main(argv=None) -> int:
             log(trl_reason)
 
     # headline numbers
-    def pick(rows, model):
-        mine = [r for r in rows if r["model"] == model]
+    def pick(rows, model, grouped=False):
+        mine = [r for r in rows if r["model"] == model and (r["group"] > 1) == grouped]
         return max(mine, key=lambda r: r["batch"]) if mine else None
 
     head = pick(gen_rows, "smollm2") or pick(gen_rows, "tiny")
+    head_grouped = pick(gen_rows, "smollm2", True) or pick(gen_rows, "tiny", True)
     ours = {r["mode"]: r for r in grpo_rows if r["impl"] == "steprl"}
     theirs = {r["mode"]: r for r in grpo_rows if r["impl"] == "trl"}
     speedups = {m: theirs[m]["step_seconds"] / ours[m]["step_seconds"] for m in ours
@@ -603,14 +727,19 @@ def main(argv=None) -> int:
     if not speedups and trl_reason is None:
         trl_reason = "TRL ran but produced no comparable step time (see errors)"
     fractions = [r["roofline_fraction"] for r in ours.values()]
+    rss = [r["peak_rss_gb_steps"] for r in ours.values()]
     result = {
         "gen_speedup_vs_hf": head["speedup"] if head else None,
         "grpo_step_speedup_vs_trl": min(speedups.values()) if speedups else None,
         "grpo_step_speedup_vs_trl_reason": None if speedups else trl_reason,
         "gen_roofline_fraction": head["ours_roofline_fraction"] if head else None,
         "train_roofline_fraction": min(fractions) if fractions else None,
-        "peak_rss_gb": rss_after_ours,
+        "peak_rss_gb": max(rss) if rss else None,
         "gen_headline": f"{head['model']} batch {head['batch']}" if head else None,
+        "gen_speedup_vs_hf_grouped": head_grouped["speedup"] if head_grouped else None,
+        "gen_roofline_fraction_grouped": head_grouped["ours_roofline_fraction"] if head_grouped else None,
+        "gen_headline_grouped": (f"{head_grouped['model']} batch {head_grouped['batch'] // head_grouped['group']}"
+                                 f"x{head_grouped['group']}") if head_grouped else None,
         "grpo_model": grpo_name,
         "grpo_step_speedup_vs_trl_full": speedups.get("full"),
         "grpo_step_speedup_vs_trl_lora": speedups.get("lora"),
@@ -618,21 +747,25 @@ def main(argv=None) -> int:
         "train_roofline_fraction_lora": ours.get("lora", {}).get("roofline_fraction"),
         "train_roofline_fraction_min_work": min((r["roofline_fraction_min_work"] for r in ours.values()),
                                                 default=None),
+        "step_roofline_fraction": min((r["step_roofline_fraction"] for r in ours.values()), default=None),
         "matmul_gflops": mm["gflops"],
-        "gen_tok_s": {f"{r['model']}/b{r['batch']}": {"ours": r["ours_tok_s"], "hf": r["hf_tok_s"]}
-                      for r in gen_rows},
+        "gen_tok_s": {f"{r['model']}/b{r['batch']}" + (f"/g{r['group']}" if r["group"] > 1 else ""):
+                      {"ours": r["ours_tok_s"], "hf": r["hf_tok_s"]} for r in gen_rows},
         "grpo_step_seconds": {f"{r['impl']}/{r['mode']}": r["step_seconds"] for r in grpo_rows},
+        "peak_rss_gb_grpo": {f"{r['impl']}/{r['mode']}": r["peak_rss_gb_steps"] for r in grpo_rows},
+        "peak_rss_exact": all(r["peak_rss_exact"] for r in grpo_rows) if grpo_rows else None,
         "peak_rss_gb_after_generation": rss_after_gen,
-        "peak_rss_gb_after_grpo_lora": ours.get("lora", {}).get("peak_rss_gb_after"),
-        "peak_rss_gb_after_grpo_full": ours.get("full", {}).get("peak_rss_gb_after"),
-        "peak_rss_gb_process": peak_rss_gb(),
+        # the whole process's peak: the largest reading of any part (a reset also resets ru_maxrss)
+        "peak_rss_gb_process": max([rss_after_gen, peak_rss_gb()] + [r["peak_rss_gb_part"] for r in grpo_rows]),
         "peak_rss_gb_children": peak_rss_gb(resource.RUSAGE_CHILDREN),
         "matmul": mm,
         "generation": gen_rows,
         "grpo": grpo_rows,
-        "settings": {"quick": a.quick, "repeats": a.repeats, "batches": batches, "new_tokens": a.new_tokens,
+        "settings": {"quick": a.quick, "repeats": a.repeats, "batches": batches, "group": a.group,
+                     "new_tokens": a.new_tokens,
                      "grpo": {**s, "kl_coef": 0.04, "max_turns": a.grpo_max_turns, "lora_r": 16,
-                              "lora_targets": LORA_TARGETS, "learning_rate": 1e-6}},
+                              "lora_targets": LORA_TARGETS, "learning_rate": 1e-6,
+                              "micro_batch_size": a.grpo_micro_batch}},
         "machine": {**machine_info(), "loadavg_start": load_start,
                     "loadavg_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
         "errors": errors,

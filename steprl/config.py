@@ -59,6 +59,8 @@ class PretrainConfig:
     seq_len: int = 256
     n_docs: int = 60000
     learning_rate: float = 3e-3
+    schedule: Literal["cosine", "wsd"] = "cosine"  # wsd = warm-up, stable, decay
+    decay_fraction: float = 0.2  # wsd only: the share of steps spent decaying
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
     weight_decay: float = 0.1

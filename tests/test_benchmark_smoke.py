@@ -1,5 +1,6 @@
-"""`benchmarks/run.py --quick --json` runs end to end (tiny model, batch 2, 4 tokens, 1 repeat) and its
-last line is the JSON contract of issue 5. This checks the plumbing, never the speed."""
+"""`benchmarks/run.py --quick --json` runs end to end (tiny model, batch 4 and 2x2, 4 tokens, a 2x2
+GRPO step, 1 repeat; well under a minute) and its last line is the JSON contract of issue 5. This
+checks the plumbing, never the speed."""
 import json
 import math
 import os
@@ -35,6 +36,12 @@ def test_quick_benchmark_prints_json_contract():
     assert result["grpo_step_speedup_vs_trl_reason"]
     # raw numbers: tokens/s of ours and HF per model and batch, step seconds of ours per mode
     assert result["gen_tok_s"] and all(positive(v["ours"]) and positive(v["hf"]) for v in result["gen_tok_s"].values())
+    # both generation shapes: distinct prompts, and P prompts x G copies (HF: num_return_sequences)
+    assert {"tiny/b4", "tiny/b4/g2"} <= set(result["gen_tok_s"])
+    assert positive(result["gen_speedup_vs_hf_grouped"])
     assert {"steprl/full", "steprl/lora"} <= set(result["grpo_step_seconds"])
     assert all(positive(v) for v in result["grpo_step_seconds"].values())
+    assert all(positive(v) for v in result["peak_rss_gb_grpo"].values())
+    for row in result["grpo"]:  # the training passes' and the whole step's fractions
+        assert positive(row["roofline_fraction"]) and positive(row["step_roofline_fraction"]), row
     assert result["errors"] == []

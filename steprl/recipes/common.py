@@ -35,6 +35,19 @@ def cosine_lr(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def wsd_lr(step: int, total: int, warmup: int, decay_fraction: float = 0.2, min_ratio: float = 0.0) -> float:
+    """Warm-up, stable, decay: linear warm-up, the peak LR held, then a linear decay to `min_ratio`
+    over the last `decay_fraction` of the steps. Holding the peak longer lets abrupt skills
+    (copying) appear sooner than under cosine, which starts lowering the LR at once."""
+    if step < warmup:
+        return (step + 1) / warmup
+    decay_start = total - int(decay_fraction * total)
+    if step < decay_start:
+        return 1.0
+    progress = (step - decay_start) / max(1, total - decay_start)
+    return 1.0 - (1.0 - min_ratio) * min(1.0, progress)
+
+
 def set_lr(optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

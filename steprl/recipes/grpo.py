@@ -9,7 +9,9 @@
  4. loss      per trained token: -min(rho A, clip(rho, 1-eps, 1+eps_high) A) + kl_coef * KL_k3(pi || pi_ref),
               rho = exp(logp - old_logp); aggregated per sequence ("grpo"), per token ("dapo")
               or by a constant ("dr_grpo"); observation tokens (mask 0) never count.
- 5. update    num_iterations passes over the batch in minibatches, gradient clipping.
+ 5. update    num_iterations passes over the batch in minibatches, gradient clipping. A minibatch
+              runs in micro-batches of similar length (sorted by prompt + completion), so that
+              left-padding each to its longest costs little; the loss is the same for any grouping.
 
 Under LoRA the reference policy is the same network with its adapters disabled: no second copy.
 """
@@ -45,6 +47,13 @@ def right_aligned(rows: list[list], width: int, fill=0, dtype=torch.float32) -> 
         if r:
             out[i, width - len(r):] = torch.tensor(r, dtype=dtype)
     return out
+
+
+def by_length(trajs: list[Trajectory], idx) -> list[int]:
+    """`idx` sorted by sequence length (prompt + completion, then completion): consecutive runs of it
+    make micro-batches of similar length, so left-padding each to its longest wastes little compute
+    and the LM head (run on the longest completion's positions) few prompt positions."""
+    return sorted(idx, key=lambda i: (len(trajs[i].prompt_ids) + len(trajs[i].ids), len(trajs[i].ids)))
 
 
 def completion_logprobs(model, trajs: list[Trajectory], with_entropy: bool = False, temperature: float = 1.0):
@@ -153,6 +162,32 @@ def accumulation_scale(g, micro_mask: torch.Tensor, mb_mask: torch.Tensor) -> fl
     return micro_mask.shape[0] / mb_mask.shape[0]  # per-sequence means
 
 
+def minibatch_backward(model, trajs, mb_idx, mask, advantages, old_logp, ref_logp, g, knobs):
+    """Accumulate the gradient of one minibatch's loss, micro-batch by micro-batch.
+
+    The micro-batches are cut from the minibatch sorted by length (`by_length`), not in its shuffled
+    order: which trajectories form the minibatch, and each one's weight in its loss, do not change,
+    only which of them share a forward pass. Returns (loss, statistics per micro-batch), or None as
+    soon as a loss is not finite (the caller then drops the partial gradient).
+    """
+    total, stats = 0.0, []
+    width = mask.shape[1]
+    order = by_length(trajs, mb_idx)
+    for lo in range(0, len(order), knobs.micro_batch_size):
+        idx = order[lo:lo + knobs.micro_batch_size]
+        mb = [trajs[i] for i in idx]
+        cols = slice(width - max(len(t.ids) for t in mb), width)
+        scale = accumulation_scale(g, mask[idx], mask[mb_idx])
+        loss, s = policy_loss(model, mb, cols, mask[idx], advantages[idx], old_logp[idx],
+                              None if ref_logp is None else ref_logp[idx], g, knobs, scale)
+        if not torch.isfinite(loss):
+            return None
+        loss.backward()
+        total += loss.item()
+        stats.append(s)
+    return total, stats
+
+
 def run(cfg: RunConfig) -> dict:
     setup_torch(cfg)
     g, out = cfg.grpo, stage_dir(cfg, "grpo")
@@ -238,7 +273,8 @@ def grpo_step(model, ref_model, tokenizer, optimizer, params, task, tools, rende
     trajs = run_episodes(model, tokenizer, envs, episodes, sampling, renderer, generator)
     rollout_seconds = timer.seconds
 
-    # 2-3. rewards -> per-token advantages; the sampling log-probs are the old log-probs
+    # 2-3. rewards -> per-token advantages; the sampling log-probs are the old log-probs (no forward
+    #      pass, whatever num_iterations); the reference pass only when the KL term counts
     reward_metrics = add_final_rewards(reward_fns, trajs)  # r_{T-1} += sum_f w_f f(...): functions, RM
     width = max(len(t.ids) for t in trajs)
     advantages = token_advantages(trajs, g, width)
@@ -256,23 +292,14 @@ def grpo_step(model, ref_model, tokenizer, optimizer, params, task, tools, rende
         order = list(range(len(trajs)))
         rng.shuffle(order)
         for lo in range(0, len(order), g.minibatch_size):
-            mb_idx = order[lo:lo + g.minibatch_size]
             optimizer.zero_grad(set_to_none=True)
-            total = 0.0
-            for mlo in range(0, len(mb_idx), knobs.micro_batch_size):
-                idx = mb_idx[mlo:mlo + knobs.micro_batch_size]
-                mb = [trajs[i] for i in idx]
-                cols = slice(width - max(len(t.ids) for t in mb), width)
-                scale = accumulation_scale(g, mask[idx], mask[mb_idx])
-                loss, s = policy_loss(model, mb, cols, mask[idx], advantages[idx], old_logp[idx],
-                                      None if ref_logp is None else ref_logp[idx], g, knobs, scale)
-                if not torch.isfinite(loss):
-                    break
-                loss.backward()
-                total += loss.item()
-                for k, v in s.items():
-                    stats[k].append(v)
-            else:  # every micro-batch was finite: clip and apply the accumulated gradient
+            done = minibatch_backward(model, trajs, order[lo:lo + g.minibatch_size], mask, advantages,
+                                      old_logp, ref_logp, g, knobs)
+            if done is not None:  # every micro-batch was finite: clip and apply the accumulated gradient
+                total, micro_stats = done
+                for s in micro_stats:
+                    for k, v in s.items():
+                        stats[k].append(v)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, knobs.max_grad_norm)
                 if torch.isfinite(grad_norm):
                     optimizer.step()
@@ -295,13 +322,15 @@ def grpo_step(model, ref_model, tokenizer, optimizer, params, task, tools, rende
 
 @torch.no_grad()
 def batched_logprobs(model, trajs: list[Trajectory], batch_size: int, temperature: float = 1.0) -> torch.Tensor:
-    """Log-probs of all completions, [N, K] right-aligned with K the longest in the whole batch."""
+    """Log-probs of all completions, [N, K] right-aligned with K the longest in the whole batch;
+    computed in batches of similar length (`by_length`), like the training pass."""
     width = max(len(t.ids) for t in trajs)
     out = torch.zeros(len(trajs), width)
-    for lo in range(0, len(trajs), batch_size):
-        mb = trajs[lo:lo + batch_size]
-        logp, _ = completion_logprobs(model, mb, temperature=temperature)
-        out[lo:lo + len(mb), width - logp.shape[1]:] = logp
+    order = by_length(trajs, range(len(trajs)))
+    for lo in range(0, len(order), batch_size):
+        idx = order[lo:lo + batch_size]
+        logp, _ = completion_logprobs(model, [trajs[i] for i in idx], temperature=temperature)
+        out[idx, width - logp.shape[1]:] = logp
     return out
 
 

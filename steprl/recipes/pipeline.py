@@ -7,6 +7,7 @@ checkpoint.
 from __future__ import annotations
 
 import json
+import resource
 import time
 
 from steprl.config import RunConfig, save_config
@@ -55,7 +56,9 @@ def run_stage(cfg: RunConfig, stage: str) -> dict:
         (out / "done.json").write_text(json.dumps(info))
     else:
         print(f"{stage}: already done ({out}), skipping")
-    row = {"name": stage, "wall_seconds": info.get("wall_seconds", 0.0)}
+    # the process's peak so far (Linux reports KiB): a stage run alone in its process gets its own
+    row = {"name": stage, "wall_seconds": info.get("wall_seconds", 0.0),
+           "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     if stage in cfg.eval_after:
         t0 = time.perf_counter()
         row["eval"] = evaluate_stage(cfg, stage)

@@ -16,7 +16,7 @@ from steprl.config import RunConfig
 from steprl.models.loading import load_policy, save_checkpoint
 from steprl.models.tiny import render_chatml, tiny_llama, train_tokenizer
 from steprl.monitor import MetricsLogger
-from steprl.recipes.common import (Timer, cosine_lr, load_state, mark_done, progress_bar, save_state,
+from steprl.recipes.common import (Timer, cosine_lr, wsd_lr, load_state, mark_done, progress_bar, save_state,
                                    set_lr, setup_torch, stage_dir)
 from steprl.tasks import get_task
 
@@ -84,7 +84,10 @@ def run(cfg: RunConfig) -> dict:
     bar = progress_bar(p.steps, f"pretrain ({n_params / 1e6:.2f}M params)", initial=start)
     timer, gen = Timer(), torch.Generator().manual_seed(cfg.seed + start)
     for step in range(start, p.steps):
-        lr = p.learning_rate * cosine_lr(step, p.steps, p.warmup_steps, p.min_lr_ratio)
+        if p.schedule == "wsd":
+            lr = p.learning_rate * wsd_lr(step, p.steps, p.warmup_steps, p.decay_fraction, p.min_lr_ratio)
+        else:
+            lr = p.learning_rate * cosine_lr(step, p.steps, p.warmup_steps, p.min_lr_ratio)
         set_lr(optimizer, lr)
         batch = train_blocks[torch.randint(0, len(train_blocks), (p.batch_size,), generator=gen)]
         loss = model(input_ids=batch, labels=batch).loss

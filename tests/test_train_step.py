@@ -1,0 +1,126 @@
+"""The GRPO training step: micro-batches sorted by length change only which sequences share a
+forward pass, never the loss; the reference pass runs only when the KL term counts; old log-probs
+are the sampling ones (no extra forward pass)."""
+import copy
+import random
+
+import pytest
+import torch
+
+import steprl.recipes.grpo as grpo
+from steprl.config import GRPOConfig, LoraConfig, RunConfig, TaskConfig
+from steprl.monitor.autofix import Knobs
+from steprl.recipes.grpo import (batched_logprobs, by_length, completion_logprobs, minibatch_backward,
+                                 right_aligned)
+from steprl.rollout.episodes import Trajectory
+from steprl.tasks.base import Problem
+
+PROBLEM = Problem("p", "1 + 1?", "2", {})
+
+
+def random_trajectories(model, n=7, seed=0):
+    """n trajectories of mixed prompt and completion lengths, observation tokens (mask 0) inside,
+    and old / reference log-probs a little off the model's so that ratios move and some clip."""
+    rng = random.Random(seed)
+    vocab = model.config.vocab_size
+    trajs = []
+    for _ in range(n):
+        prompt = [rng.randrange(4, vocab) for _ in range(rng.randint(3, 20))]
+        k = rng.randint(2, 14)
+        mask = [1] * k
+        if k > 6:  # a tool result in the middle: context, never trained on
+            mask[3:5] = [0, 0]
+        trajs.append(Trajectory(PROBLEM, prompt, ids=[rng.randrange(4, vocab) for _ in range(k)], mask=mask))
+    gen = torch.Generator().manual_seed(seed)
+    width = max(len(t.ids) for t in trajs)
+    with torch.no_grad():
+        exact = torch.stack([torch.nn.functional.pad(completion_logprobs(model, [t])[0][0], (width - len(t.ids), 0))
+                             for t in trajs])
+    mask = right_aligned([t.mask for t in trajs], width)
+    old = (exact + 0.3 * torch.randn(exact.shape, generator=gen)) * mask
+    ref = (exact + 0.3 * torch.randn(exact.shape, generator=gen)) * mask
+    adv = torch.randn(n, 1, generator=gen).expand(n, width) * mask
+    return trajs, mask, adv, old, ref
+
+
+def gradients(model, trajs, mask, adv, old, ref, g, micro_batch_size):
+    model.zero_grad(set_to_none=True)
+    knobs = Knobs(1e-4, 0.04, micro_batch_size, 1, g.max_new_tokens)
+    order = list(range(len(trajs)))
+    random.Random(1).shuffle(order)  # a shuffled minibatch, as grpo_step makes it
+    total, stats = minibatch_backward(model, trajs, order, mask, adv, old, ref, g, knobs)
+    return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, len(stats)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_sorted_micro_batches_give_the_full_batch_loss_and_gradients(tiny, loss_type):
+    model = copy.deepcopy(tiny[0]).train()
+    trajs, mask, adv, old, ref = random_trajectories(model)
+    g = GRPOConfig(loss_type=loss_type, max_new_tokens=16, max_turns=1)
+    loss_full, grad_full, n_full = gradients(model, trajs, mask, adv, old, ref, g, len(trajs))
+    loss_micro, grad_micro, n_micro = gradients(model, trajs, mask, adv, old, ref, g, 2)
+    assert (n_full, n_micro) == (1, 4)
+    assert abs(loss_full - loss_micro) < 1e-5, (loss_full, loss_micro)
+    assert grad_full.keys() == grad_micro.keys() and grad_full
+    for name, gf in grad_full.items():
+        assert torch.allclose(gf, grad_micro[name], atol=1e-5, rtol=1e-4), (name, (gf - grad_micro[name]).abs().max())
+
+
+def test_by_length_groups_similar_lengths_and_keeps_every_index(tiny):
+    trajs, *_ = random_trajectories(tiny[0], n=9)
+    idx = [8, 0, 5, 3, 1, 7, 2, 6, 4]
+    order = by_length(trajs, idx)
+    assert sorted(order) == sorted(idx)
+    lengths = [len(trajs[i].prompt_ids) + len(trajs[i].ids) for i in order]
+    assert lengths == sorted(lengths)
+
+    def padded(o):  # tokens a left-padded forward computes, micro-batches of 2
+        return sum(len(o[lo:lo + 2]) * max(len(trajs[i].prompt_ids) + len(trajs[i].ids) for i in o[lo:lo + 2])
+                   for lo in range(0, len(o), 2))
+    assert padded(order) <= padded(idx)
+
+
+def test_reference_pass_in_sorted_batches_equals_one_sequence_at_a_time(tiny):
+    model = tiny[0]
+    trajs, mask, *_ = random_trajectories(model)
+    batched = batched_logprobs(model, trajs, batch_size=3)
+    single = batched_logprobs(model, trajs, batch_size=1)  # no padding at all
+    assert torch.allclose(batched * mask, single * mask, atol=1e-5)
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 0.04])
+def test_grpo_step_forward_passes(tiny, monkeypatch, kl_coef):
+    """num_iterations 1: the only policy forward passes after the rollout are the training
+    micro-batches (old log-probs are the sampling ones); the reference pass only when kl_coef > 0."""
+    from steprl.recipes.evaluate import tool_setup
+
+    model, tok, task = copy.deepcopy(tiny[0]), tiny[1], tiny[2]
+    cfg = RunConfig(task=TaskConfig(name="calc"))
+    g = cfg.grpo
+    g.prompts_per_step, g.num_generations, g.max_new_tokens, g.max_turns = 2, 2, 4, 1
+    g.minibatch_size, g.micro_batch_size, g.num_iterations, g.kl_coef = 4, 2, 1, kl_coef
+    g.lora = LoraConfig(enabled=False)
+    calls = {"completion_logprobs": 0, "reference_logprobs": 0}
+    real_clp, real_ref = grpo.completion_logprobs, grpo.reference_logprobs
+
+    def counted_clp(*a, **kw):
+        calls["completion_logprobs"] += 1
+        return real_clp(*a, **kw)
+
+    def counted_ref(*a, **kw):
+        calls["reference_logprobs"] += 1
+        return real_ref(*a, **kw)
+
+    monkeypatch.setattr(grpo, "completion_logprobs", counted_clp)
+    monkeypatch.setattr(grpo, "reference_logprobs", counted_ref)
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if kl_coef > 0 else None
+    tools, renderer, suffix = tool_setup(task, tok)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    knobs = Knobs(1e-4, kl_coef, 2, 2, 4)
+    metrics, trajs = grpo.grpo_step(model, ref_model, tok, optimizer, params, task, tools, renderer, suffix,
+                                    task.problems("train", 10, seed=0), 0, g, knobs, torch.Generator().manual_seed(0),
+                                    random.Random(0))
+    assert len(trajs) == 4 and "loss" in metrics
+    assert calls["reference_logprobs"] == (1 if kl_coef > 0 else 0)
+    assert calls["completion_logprobs"] == 2 + (2 if kl_coef > 0 else 0)  # 2 training micro-batches (+ 2 reference)
