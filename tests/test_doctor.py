@@ -96,6 +96,18 @@ def test_kl_warning_band_and_single_blip():
     assert "kl_explosion" not in codes(diagnose(blip, final=True))
 
 
+def test_kl_single_huge_spike_is_critical():
+    """One step at KL 39 (seen in a broken run: the next step, measured against the moved policy,
+    looked calm) is an explosion; a blip of 2.0 is not (test above)."""
+    hist = make(GRPO)
+    hist[30]["kl"] = 39.4
+    f = only(diagnose(hist, {"learning_rate": 2e-3, "kl_coef": 0.001}, final=True), "kl_explosion")
+    assert f.severity == "critical" and f.step == hist[30]["step"] and f.fix["rollback"] is True
+    assert "1 consecutive logged step from" in f.evidence and "peak 39.4" in f.evidence
+    first = [{"step": 1, "kl": 3.4}]  # live, after the very first step
+    assert only(diagnose(first), "kl_explosion").severity == "critical"
+
+
 def test_kl_too_low():
     hist = make({**GRPO, "kl": (lambda u: 0.0003, 0.0001)})
     assert only(diagnose(hist), "kl_too_low").severity == "info"

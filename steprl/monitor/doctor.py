@@ -22,6 +22,7 @@ import numpy as np
 
 SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
 KL_CRITICAL, KL_WARNING, KL_LOW = 0.5, 0.1, 0.001
+KL_SPIKE = 2.5  # one logged step at 5x the critical line is an explosion on its own
 INT_KEYS = {"num_generations", "per_device_batch_size", "max_new_tokens", "num_epochs"}
 RL_STAGES = {"grpo", "ppo", "rl"}
 STAGE_ORDER = ["pretrain", "sft", "rm", "grpo", "ppo", "eval"]
@@ -197,12 +198,16 @@ def rule_out_of_memory(h: _History, final: bool) -> list[Finding]:
 
 def rule_kl_explosion(h: _History, final: bool) -> list[Finding]:
     steps, kl = h.get("kl")
-    if len(kl) < 2:
+    if len(kl) == 0:
         return []
     for sev, thr in (("critical", KL_CRITICAL), ("warning", KL_WARNING)):
-        # two logged steps above 0.5 are an explosion (live and post-hoc alike); a warning needs three
-        need = min(2 if sev == "critical" else 3, len(kl))
+        # two logged steps above 0.5 are an explosion (live and post-hoc alike); a warning needs three.
+        # One step far above the line (KL_SPIKE) is one too: a policy that moved that far in one
+        # update is broken even if the next step's KL, measured against it, looks calm.
+        need = min(2 if sev == "critical" else 3, max(len(kl), 2))
         runs = [r for r in _runs(kl > thr) if r[1] >= need]
+        if sev == "critical":
+            runs = sorted(runs + [(int(i), 1) for i in np.flatnonzero(kl > KL_SPIKE)])
         if not runs:
             continue
         s, n = runs[0]
@@ -215,7 +220,7 @@ def rule_kl_explosion(h: _History, final: bool) -> list[Finding]:
         if sev == "critical":
             fix["rollback"] = True
         return [Finding("kl_explosion", sev, int(steps[s]),
-                        f"kl above {thr} for {n} consecutive logged steps from step {steps[s]} "
+                        f"kl above {thr} for {n} consecutive logged step{'s' * (n > 1)} from step {steps[s]} "
                         f"(peak {_g(kl[peak])} at step {steps[peak]}); healthy is 0.01-0.1",
                         ", ".join(parts) + ", clip grad norm 1.0"
                         + (", roll back to the last checkpoint before the spike" if sev == "critical" else "")
