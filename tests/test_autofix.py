@@ -39,6 +39,18 @@ def test_oom_halves_micro_batch_and_generations():
     assert (k.micro_batch_size, k.num_generations, k.max_new_tokens, k.gradient_checkpointing) == (4, 4, 256, True)
 
 
+def test_oom_ladder_one_rung_per_oom_in_order():
+    fx = AutoFixer(torch.nn.Linear(2, 1), Knobs(learning_rate=1e-4, kl_coef=0.05, micro_batch_size=2,
+                                                num_generations=8, max_new_tokens=40))
+    seen = []
+    while (action := fx.shrink_for_oom(step=1)) is not None:
+        k = fx.knobs
+        seen.append((k.micro_batch_size, k.num_generations, k.max_new_tokens, k.gradient_checkpointing))
+        assert action.code == "out_of_memory" and action.severity == "info"
+    assert seen == [(1, 8, 40, False), (1, 4, 40, False), (1, 2, 40, False), (1, 2, 20, False),
+                    (1, 2, 16, False), (1, 2, 16, True)]
+
+
 def test_info_findings_and_findings_without_fix_change_nothing():
     _, fx = fixer()
     assert fx.apply([Finding("kl_too_low", "info", 1, "", "", {"learning_rate": 1.0}),

@@ -5,7 +5,8 @@ The doctor's findings carry a machine-applicable `fix` ({"learning_rate": 1e-5, 
 good weights when asked to roll back, and records every action as a finding that says what
 changed. Between findings, an adaptive KL coefficient (Ziegler et al.) holds KL near the middle of
 the healthy band 0.01-0.1. The RL recipes (grpo, ppo) call `after_step` once per logged step and
-`handle_oom` when a step ran out of memory; the same loop therefore serves both.
+`handle_oom` when a step ran out of memory (each OOM takes one rung down `shrink_for_oom`'s
+ladder, then the step is retried); the same loop therefore serves both.
 """
 from __future__ import annotations
 
@@ -103,6 +104,29 @@ class AutoFixer:
                                        "continuing with the new settings"))
         return actions
 
+    def shrink_for_oom(self, step: int) -> Finding | None:
+        """One rung down the out-of-memory ladder per OOM, cheapest loss first: halve the
+        micro-batch (gradient accumulation keeps the effective batch, so the maths is unchanged)
+        down to 1, then halve num_generations (down to 2), then max_new_tokens (down to 16), then
+        turn on gradient checkpointing. None when nothing is left to lower."""
+        k = self.knobs
+        if k.micro_batch_size > 1:
+            old, k.micro_batch_size = k.micro_batch_size, k.micro_batch_size // 2
+            change = f"micro_batch_size {old} -> {k.micro_batch_size} (gradient accumulation keeps the effective batch)"
+        elif k.num_generations > 2:
+            old, k.num_generations = k.num_generations, max(2, k.num_generations // 2)
+            change = f"num_generations {old} -> {k.num_generations}"
+        elif k.max_new_tokens > 16:
+            old, k.max_new_tokens = k.max_new_tokens, max(16, k.max_new_tokens // 2)
+            change = f"max_new_tokens {old} -> {k.max_new_tokens}"
+        elif not k.gradient_checkpointing:
+            k.gradient_checkpointing = True
+            change = "gradient_checkpointing False -> True"
+        else:
+            return None
+        return Finding("out_of_memory", "info", step, f"auto-fix for out_of_memory: {change}",
+                       "retrying the step with the smaller setting")
+
     def after_step(self, findings: list[Finding], metrics: dict, step: int, optimizer, n_samples: int,
                    adapt_kl: bool) -> list[Finding]:
         """Once per logged step: apply the findings' fixes, restart AdamW after a rollback (its
@@ -127,10 +151,9 @@ def handle_oom(fixer: AutoFixer | None, logger, optimizer, step: int, err: BaseE
     """A step that ran out of memory applied nothing: log it, let the doctor pick smaller settings
     and retry; without auto-fix, or when it has nothing left to change, stop with the way out."""
     optimizer.zero_grad(set_to_none=True)
-    findings = logger.log({"event": "oom"}, step)
-    actions = fixer.apply(findings, step) if fixer is not None else []
-    if not actions:
+    logger.log({"event": "oom"}, step)  # the doctor's out_of_memory finding, printed once
+    action = fixer.shrink_for_oom(step) if fixer is not None else None
+    if action is None:
         raise RuntimeError(f"{logger.stage}: out of memory at step {step} ({err}); "
                            f"set doctor.auto_fix=true or {hint}") from err
-    for action in actions:
-        logger.record(action)
+    logger.record(action)
