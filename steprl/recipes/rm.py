@@ -33,6 +33,7 @@ from steprl.models.loading import load_policy, load_tokenizer, resolve
 from steprl.monitor import MetricsLogger
 from steprl.recipes.common import Timer, cosine_lr, mark_done, progress_bar, set_lr, setup_torch, stage_dir
 from steprl.recipes.evaluate import tool_setup
+from steprl.recipes.rm_config import CORRUPTIONS
 from steprl.recipes.sft import previous_checkpoint
 from steprl.tasks import get_task
 from steprl.tools import execute_tool_call, parse_tool_calls
@@ -78,17 +79,17 @@ def _change_digit(text: str, rng: random.Random) -> str:
 def corrupt(solution: list[dict], kind: str, tools: dict, rng: random.Random) -> list[dict]:
     """A worse version of a solved episode [..prompt, call, tool result, answer], or of a
     single-turn one [..prompt, answer] (PBRFT: no call to corrupt, so the answer is)."""
+    if kind not in CORRUPTIONS:
+        raise ValueError(f"rm: unknown corruption '{kind}'")
     answer = re.search(r"<answer>(.*?)</answer>", solution[-1]["content"]).group(1)
     wrong = _change_digit(answer, rng)
-    if not any(m["role"] == "tool" for m in solution):
-        if kind in ("wrong_number", "malformed_call", "wrong_answer"):
-            text = solution[-1]["content"].replace(f"<answer>{answer}</answer>", f"<answer>{wrong}</answer>")
-            if kind == "wrong_number":  # the worked result is wrong too, not only the copy of it
-                text = text.replace(f"= {answer}", f"= {wrong}")
-            return solution[:-1] + [{"role": "assistant", "content": text}]
-        if kind == "missing_answer":
-            return solution[:-1] + [{"role": "assistant", "content": f"The answer is {answer}."}]
-        raise ValueError(f"rm: unknown corruption '{kind}'")
+    if kind == "missing_answer":  # right number, no <answer> tag
+        return solution[:-1] + [{"role": "assistant", "content": f"The answer is {answer}."}]
+    if not any(m["role"] == "tool" for m in solution):  # single turn: a wrong worked answer
+        text = solution[-1]["content"].replace(f"<answer>{answer}</answer>", f"<answer>{wrong}</answer>")
+        if kind == "wrong_number":  # the worked result is wrong too, not only the copy of it
+            text = text.replace(f"= {answer}", f"= {wrong}")
+        return solution[:-1] + [{"role": "assistant", "content": text}]
     *prompt, call, _, final = solution
     if kind == "wrong_number":  # a number copied wrongly into the call: the tool computes garbage
         bad = call["content"]
@@ -101,15 +102,12 @@ def corrupt(solution: list[dict], kind: str, tools: dict, rng: random.Random) ->
         kind = "wrong_answer"
     if kind == "wrong_answer":  # right call, wrong number in the answer
         return solution[:-1] + [{"role": "assistant", "content": f"<answer>{wrong}</answer>"}]
-    if kind == "missing_answer":  # right number, no <answer> tag
-        return solution[:-1] + [{"role": "assistant", "content": f"The answer is {answer}."}]
-    if kind == "malformed_call":  # broken JSON or no closing tag, then a guess
-        text = call["content"]
-        bad = rng.choice([text.replace("}}", "}", 1), text.replace("</tool_call>", ""), text.replace('"', "'")])
-        error, _ = execute_tool_call(parse_tool_calls(bad)[0], tools) if parse_tool_calls(bad) else ("Error: no call", False)
-        return prompt + [{"role": "assistant", "content": bad}, {"role": "tool", "content": error},
-                         {"role": "assistant", "content": f"<answer>{wrong}</answer>"}]
-    raise ValueError(f"rm: unknown corruption '{kind}'")
+    # malformed_call: broken JSON or no closing tag, then a guess
+    text = call["content"]
+    bad = rng.choice([text.replace("}}", "}", 1), text.replace("</tool_call>", ""), text.replace('"', "'")])
+    error, _ = execute_tool_call(parse_tool_calls(bad)[0], tools) if parse_tool_calls(bad) else ("Error: no call", False)
+    return prompt + [{"role": "assistant", "content": bad}, {"role": "tool", "content": error},
+                     {"role": "assistant", "content": f"<answer>{wrong}</answer>"}]
 
 
 def rule_reward(task, tools, problem, messages: list[dict]) -> float:
