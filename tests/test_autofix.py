@@ -29,14 +29,24 @@ def test_kl_explosion_lowers_lr_raises_kl_and_rolls_back():
     assert "learning_rate 5e-05 -> 1e-05" in actions[0].evidence and "step 3" in actions[0].evidence
 
 
-def test_oom_halves_micro_batch_and_generations():
+def test_apply_leaves_out_of_memory_to_the_ladder():
+    """The doctor's OOM finding halves everything at once; auto-fix instead takes one rung of
+    shrink_for_oom per OOM (handle_oom), so apply must not act on it too."""
     _, fx = fixer()
     f = Finding("out_of_memory", "critical", 2, "oom", "smaller",
                 {"num_generations": 4, "per_device_batch_size": 4, "max_new_tokens": 256,
                  "gradient_checkpointing": True})
-    fx.apply([f], step=2)
+    assert fx.apply([f], step=2) == []
     k = fx.knobs
-    assert (k.micro_batch_size, k.num_generations, k.max_new_tokens, k.gradient_checkpointing) == (4, 4, 256, True)
+    assert (k.micro_batch_size, k.num_generations, k.max_new_tokens, k.gradient_checkpointing) == (8, 8, 512, False)
+
+
+def test_knobs_as_context_follows_the_fixes():
+    _, fx = fixer()
+    fx.apply([Finding("kl_explosion", "critical", 5, "", "", {"learning_rate": 1e-5, "kl_coef": 0.1})], step=5)
+    fx.shrink_for_oom(step=6)
+    assert fx.knobs.as_context() == {"learning_rate": 1e-5, "kl_coef": 0.1, "num_generations": 8,
+                                     "per_device_batch_size": 4, "max_new_tokens": 512}
 
 
 def test_oom_ladder_one_rung_per_oom_in_order():
@@ -68,15 +78,16 @@ def test_adaptive_kl_moves_toward_target():
     assert fx.knobs.kl_coef < high
 
 
-def test_oom_fix_never_grows_a_size():
-    """The doctor's floors (num_generations >= 2, max_new_tokens >= 16) must not grow a small PPO run."""
+def test_oom_ladder_never_grows_a_size():
+    """A small PPO run (1 generation, 8 new tokens) is already below the ladder's floors
+    (num_generations >= 2, max_new_tokens >= 16): only the micro-batch and checkpointing move."""
     fx = AutoFixer(torch.nn.Linear(2, 1), Knobs(learning_rate=1e-4, kl_coef=0.05, micro_batch_size=4,
                                                 num_generations=1, max_new_tokens=8))
-    fx.apply([Finding("out_of_memory", "critical", 1, "oom", "smaller",
-                      {"num_generations": 2, "per_device_batch_size": 2, "max_new_tokens": 16,
-                       "gradient_checkpointing": True})], step=1)
-    k = fx.knobs
-    assert (k.micro_batch_size, k.num_generations, k.max_new_tokens, k.gradient_checkpointing) == (2, 1, 8, True)
+    seen = []
+    while fx.shrink_for_oom(step=1) is not None:
+        k = fx.knobs
+        seen.append((k.micro_batch_size, k.num_generations, k.max_new_tokens, k.gradient_checkpointing))
+    assert seen == [(2, 1, 8, False), (1, 1, 8, False), (1, 1, 8, True)]
 
 
 def test_rollback_restores_every_module_given():

@@ -19,7 +19,6 @@ from steprl.monitor.doctor import Finding
 
 KNOBS = ("learning_rate", "kl_coef", "micro_batch_size", "num_generations", "max_new_tokens",
          "gradient_checkpointing", "max_grad_norm")
-SIZES = ("micro_batch_size", "num_generations", "max_new_tokens")  # an OOM fix may only lower these
 
 
 @dataclass
@@ -32,6 +31,12 @@ class Knobs:
     max_new_tokens: int
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
+
+    def as_context(self) -> dict:
+        """The doctor's view of the current settings, so that its advice starts from the values
+        in force now (after earlier fixes), not from the config's."""
+        return {"learning_rate": self.learning_rate, "kl_coef": self.kl_coef, "num_generations": self.num_generations,
+                "per_device_batch_size": self.micro_batch_size, "max_new_tokens": self.max_new_tokens}
 
 
 class AutoFixer:
@@ -78,22 +83,16 @@ class AutoFixer:
         """Apply each finding's fix; return one 'info' finding per action, saying what changed."""
         actions = []
         for f in findings:
-            if not f.fix or f.severity == "info":
+            # out-of-memory has its own ladder (shrink_for_oom), one rung per OOM, run by handle_oom
+            if not f.fix or f.severity == "info" or f.code == "out_of_memory":
                 continue
             changes = []
             for key in KNOBS:
-                if f.code == "out_of_memory" and key in SIZES and f.fix.get(key, 0) > getattr(self.knobs, key):
-                    continue  # the doctor's floor (e.g. num_generations >= 2) must not grow a PPO run
                 if key in f.fix and f.fix[key] != getattr(self.knobs, key):
                     old = getattr(self.knobs, key)
                     setattr(self.knobs, key, type(old)(f.fix[key]))
                     changes.append(f"{key} {old:g} -> {getattr(self.knobs, key):g}" if not isinstance(old, bool)
                                    else f"{key} {old} -> {f.fix[key]}")
-            if f.fix.get("per_device_batch_size"):
-                old = self.knobs.micro_batch_size
-                self.knobs.micro_batch_size = max(1, min(old, int(f.fix["per_device_batch_size"])))
-                changes.append(f"micro_batch_size {old} -> {self.knobs.micro_batch_size} "
-                               "(gradient accumulation keeps the effective batch)")
             if "kl_coef" in f.fix:
                 self.kl.value = self.knobs.kl_coef
             if f.fix.get("rollback") and self.rollback():

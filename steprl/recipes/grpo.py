@@ -209,9 +209,7 @@ def run(cfg: RunConfig) -> dict:
     fixer = AutoFixer(model, knobs) if cfg.doctor.auto_fix else None
     if fixer is not None:
         fixer.snapshot(start)  # the starting weights are the first known-good state to roll back to
-    context = {"learning_rate": knobs.learning_rate, "kl_coef": knobs.kl_coef, "num_generations": g.num_generations,
-               "per_device_batch_size": knobs.micro_batch_size, "max_new_tokens": g.max_new_tokens}
-    logger = MetricsLogger(out, "grpo", report_to=cfg.report_to, doctor_context=context,
+    logger = MetricsLogger(out, "grpo", report_to=cfg.report_to, doctor_context=knobs.as_context(),
                            live_doctor=cfg.doctor.enabled)
     if start:
         logger.truncate_after(start + 1)
@@ -236,6 +234,7 @@ def run(cfg: RunConfig) -> dict:
             continue  # nothing was applied: retry the step with the smaller settings
         metrics.update({"learning_rate": optimizer.param_groups[0]["lr"], "kl_coef": knobs.kl_coef,
                         "step_time": timer.seconds})
+        logger.context.update(knobs.as_context())  # advice starts from the settings in force now
         findings = logger.log(metrics, step + 1)
         if fixer is not None:
             for action in fixer.after_step(findings, metrics, step + 1, optimizer, len(trajs), g.kl_coef > 0):

@@ -209,9 +209,7 @@ def run(cfg: RunConfig) -> dict:
     tools, renderer, suffix = tool_setup(task, tokenizer)
     problems = task.problems("train", max(p.steps * p.prompts_per_step, 1000), seed=cfg.seed)
     reward_fns = resolve_rewards(p.reward.functions, run_dir=cfg.run_dir)  # rules and/or a reward model
-    context = {"learning_rate": knobs.learning_rate, "kl_coef": knobs.kl_coef, "num_generations": knobs.num_generations,
-               "per_device_batch_size": knobs.micro_batch_size, "max_new_tokens": knobs.max_new_tokens}
-    logger = MetricsLogger(out, "ppo", report_to=cfg.report_to, doctor_context=context,
+    logger = MetricsLogger(out, "ppo", report_to=cfg.report_to, doctor_context=knobs.as_context(),
                            live_doctor=cfg.doctor.enabled)
     if start:
         logger.truncate_after(start + 1)  # the first step to re-run is logged as start + 1
@@ -243,6 +241,7 @@ def run(cfg: RunConfig) -> dict:
             continue  # nothing was applied: retry the step with the smaller settings
         metrics.update({"learning_rate": optimizer.param_groups[0]["lr"], "kl_coef": knobs.kl_coef,
                         "step_time": timer.seconds})
+        logger.context.update(knobs.as_context())  # advice starts from the settings in force now
         findings = logger.log(metrics, step + 1)
         if fixer is not None:
             for action in fixer.after_step(findings, metrics, step + 1, optimizer, len(trajs),
