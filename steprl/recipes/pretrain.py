@@ -42,6 +42,14 @@ def build_model(cfg: RunConfig, task, docs: list[str]):
     return model, tokenizer
 
 
+def compiled(model):
+    """torch.compile for the fixed-shape training step; a machine where compilation fails (no C
+    compiler, say) runs the same step eagerly instead of stopping."""
+    import torch._dynamo
+    torch._dynamo.config.suppress_errors = True
+    return torch.compile(model)
+
+
 @torch.no_grad()
 def eval_loss(model, blocks: torch.Tensor, batch_size: int) -> float:
     model.eval()
@@ -80,6 +88,7 @@ def run(cfg: RunConfig) -> dict:
                            doctor_context={"learning_rate": p.learning_rate})
     if start:
         logger.truncate_after(start + 1)
+    forward = compiled(model) if p.compile else model
     n_params = sum(q.numel() for q in model.parameters())
     bar = progress_bar(p.steps, f"pretrain ({n_params / 1e6:.2f}M params)", initial=start)
     timer, gen = Timer(), torch.Generator().manual_seed(cfg.seed + start)
@@ -90,7 +99,7 @@ def run(cfg: RunConfig) -> dict:
             lr = p.learning_rate * cosine_lr(step, p.steps, p.warmup_steps, p.min_lr_ratio)
         set_lr(optimizer, lr)
         batch = train_blocks[torch.randint(0, len(train_blocks), (p.batch_size,), generator=gen)]
-        loss = model(input_ids=batch, labels=batch).loss
+        loss = forward(input_ids=batch, labels=batch).loss
         if not torch.isfinite(loss):
             logger.log({"loss": float("nan"), "event": "nan_skip"}, step + 1)
             optimizer.zero_grad(set_to_none=True)
