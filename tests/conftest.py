@@ -20,3 +20,13 @@ def tiny():
     torch.manual_seed(0)
     model = tiny_llama(tok, hidden_size=64, num_layers=2, num_heads=2).eval()
     return model, tok, task
+
+
+@pytest.fixture(scope="session")
+def toy_run(tmp_path_factory):
+    """The demo's pipeline (pretrain -> SFT -> GRPO -> eval) at toy size, run once through the CLI."""
+    from steprl.cli import main
+
+    out = tmp_path_factory.mktemp("runs")
+    assert main(["run", "configs/toy.yaml", f"output_dir={out}"]) == 0
+    return out / "toy"

@@ -17,13 +17,6 @@ METRICS_GRPO = {"step", "reward", "reward_std", "accuracy", "kl", "entropy", "lo
                 "step_time"}
 
 
-@pytest.fixture(scope="module")
-def toy_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    assert main(["run", "configs/toy.yaml", f"output_dir={out}"]) == 0
-    return out / "toy"
-
-
 def read_jsonl(path):
     return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
 

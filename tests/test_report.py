@@ -260,7 +260,7 @@ def chromium_binary() -> str | None:
     return None
 
 
-def test_report_renders_in_headless_chromium(tmp_path):
+def test_report_renders_in_headless_chromium(tmp_path, toy_run):
     if os.environ.get("STEPRL_SKIP_BROWSER") == "1":
         pytest.skip("STEPRL_SKIP_BROWSER=1")
     binary = chromium_binary()
@@ -270,12 +270,14 @@ def test_report_renders_in_headless_chromium(tmp_path):
                     "(or set STEPRL_SKIP_BROWSER=1 to skip this test)")
     report = write_report(fake_run(tmp_path / "run"))
     compare = write_compare([tmp_path / "run", fake_run(tmp_path / "other", seed=3)])
+    real = write_report(toy_run)  # a real run of the demo's pipeline, at toy size
     broken = tmp_path / "run" / "broken.html"  # control: the checker must see failures
     broken.write_text('<html><body><img src="missing.png"><script>console.error("boom")</script></body></html>')
     browser = Browser(binary, tmp_path / "profile")
     try:
         images, errors = browser.check(report)
         cmp_images, cmp_errors = browser.check(compare)
+        real_images, real_errors = browser.check(real)
         bad_images, bad_errors = browser.check(broken)
     finally:
         browser.close()
@@ -283,4 +285,8 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert all(width > 0 for _, width in images), images
     assert errors == []
     assert len(cmp_images) == 7 and all(w > 0 for _, w in cmp_images) and cmp_errors == []
+    assert sorted(src for src, _ in real_images) == sorted(
+        f"report_{plot}.png" for plot in ["pretrain_loss", "sft_loss", "grpo_reward", "grpo_kl", "grpo_accuracy",
+                                          "grpo_entropy", "grpo_length", "grpo_tools"])
+    assert all(w > 0 for _, w in real_images) and real_errors == [], (real_images, real_errors)
     assert bad_images == [["missing.png", 0]] and any("boom" in e for e in bad_errors), bad_errors
