@@ -184,6 +184,12 @@ def test_out_of_memory_and_nan():
     assert only(diagnose(sft), "nan_loss").step == 30
     sft[30]["event"] = "nan_skip"  # one batch skipped by the trainer: the run recovered
     assert only(diagnose(sft), "nan_loss").severity == "warning"
+    # GRPO/PPO skip a non-finite minibatch and log the finite ones they applied: still a finding
+    grpo = make(GRPO, n=40)
+    grpo[12].update({"event": "nan_skip", "skipped_minibatches": 1})
+    f = only(diagnose(grpo, {"learning_rate": 1e-5}), "nan_loss")
+    assert (f.severity, f.step) == ("warning", grpo[12]["step"]) and "skipped" in f.evidence
+    assert f.fix["learning_rate"] == 1e-6 and f.fix["rollback"]
 
 
 def test_zero_variance_groups():

@@ -156,15 +156,17 @@ def _kl_up(factor: float, floor: float = 0.04):
 # ----------------------------------------------------------------------------- rules
 def rule_nan_loss(h: _History, final: bool) -> list[Finding]:
     """Critical, unless every bad step was skipped by the trainer (event "nan_skip") and they are
-    rare (<= 10% of logged steps): then the run recovered and it is a warning."""
+    rare (<= 10% of logged steps): then the run recovered and it is a warning. A skip counts even
+    when the logged values are finite (the RL recipes log the minibatches they did apply)."""
     bad, skipped = [], 0
     for e in h.raw:
         hits = [(k, _num(v)) for k, v in e.items()
                 if k in ("loss", "grad_norm", "reward", "kl") or k.endswith("loss")]
         hits = [(k, x) for k, x in hits if x is not None and not math.isfinite(x)]
-        if hits:
-            bad.append((int(_num(e.get("step")) or 0), *hits[0]))
-            skipped += str(e.get("event", "")).endswith("skip")
+        skip = str(e.get("event", "")).endswith("skip")
+        if hits or skip:
+            bad.append((int(_num(e.get("step")) or 0), *(hits[0] if hits else ("loss", "non-finite (skipped)"))))
+            skipped += skip
     if not bad:
         return []
     step, key, val = bad[0]
