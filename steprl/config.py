@@ -68,7 +68,7 @@ class PretrainConfig:
     log_every: int = 10
     eval_every: int = 100
     save_every: int = 200
-    compile: bool = False  # torch.compile the training step: ~1.25x per step on the tiny demo model on CPU, after ~15 s of compiling
+    compile: bool = False  # torch.compile the training step: -10% wall time over 100 demo steps, compilation included (docs/benchmarks.md)
 
 
 @dataclass
