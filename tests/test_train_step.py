@@ -80,6 +80,67 @@ def test_by_length_groups_similar_lengths_and_keeps_every_index(tiny):
     assert padded(order) <= padded(idx)
 
 
+def grouped_trajectories(vocab, n_prompts=3, group=4, seed=0):
+    """GRPO-shaped trajectories: `group` episodes per prompt, prompts and completions of mixed lengths."""
+    rng = random.Random(seed)
+    trajs = []
+    for _ in range(n_prompts):
+        prompt = [rng.randrange(4, vocab) for _ in range(rng.randint(6, 20))]
+        for _ in range(group):
+            k = rng.randint(1, 12)
+            trajs.append(Trajectory(PROBLEM, list(prompt), ids=[rng.randrange(4, vocab) for _ in range(k)], mask=[1] * k))
+    return trajs
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_shared_prompt_pass_equals_one_sequence_at_a_time(tiny, use_lora):
+    """Episodes that share a prompt compute it once (`completion_logits`): their log-probs and the
+    gradient of any loss on them equal those of separate unpadded passes, one episode each."""
+    from steprl.models.loading import apply_lora
+
+    torch.manual_seed(0)
+    model = copy.deepcopy(tiny[0]).train()
+    if use_lora:
+        model = apply_lora(model, LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        for n, p in model.named_parameters():  # LoRA B starts at zero: make the adapters count
+            if "lora_B" in n:
+                p.data.normal_(0, 0.1)
+    trajs = grouped_trajectories(tiny[0].config.vocab_size)
+    width = max(len(t.ids) for t in trajs)
+    weights = torch.randn(len(trajs), width, generator=torch.Generator().manual_seed(1))
+    mask = right_aligned([t.mask for t in trajs], width)
+
+    calls = []
+    real_forward = model.forward
+    model.forward = lambda *a, **kw: calls.append(kw["input_ids"].shape) or real_forward(*a, **kw)
+    model.zero_grad(set_to_none=True)
+    shared, _ = completion_logprobs(model, trajs)
+    (shared * weights * mask).sum().backward()
+    grads_shared = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert calls[0][0] == 3 and calls[1][0] == len(trajs), calls  # 3 prompts once, then 12 episodes
+    model.forward = real_forward
+
+    model.zero_grad(set_to_none=True)
+    single = torch.stack([torch.nn.functional.pad(completion_logprobs(model, [t])[0][0], (width - len(t.ids), 0))
+                          for t in trajs])
+    (single * weights * mask).sum().backward()
+    assert torch.allclose(shared * mask, single * mask, atol=1e-5), (shared - single).abs().max()
+    assert grads_shared and grads_shared.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
+    for name, g in grads_shared.items():
+        assert torch.allclose(g, dict(model.named_parameters())[name].grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_by_length_keeps_a_prompts_episodes_together(tiny):
+    trajs = grouped_trajectories(tiny[0].config.vocab_size, n_prompts=4, group=3, seed=2)
+    idx = list(range(len(trajs)))
+    random.Random(0).shuffle(idx)
+    order = by_length(trajs, idx)
+    assert sorted(order) == sorted(idx)
+    prompts = [tuple(trajs[i].prompt_ids) for i in order]
+    assert all(len(set(prompts[k:k + 3])) == 1 for k in range(0, len(order), 3))
+
+
 def test_reference_pass_in_sorted_batches_equals_one_sequence_at_a_time(tiny):
     model = tiny[0]
     trajs, mask, *_ = random_trajectories(model)

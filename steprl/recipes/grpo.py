@@ -21,6 +21,7 @@ import json
 import random
 
 import torch
+from transformers.cache_utils import DynamicCache
 
 from steprl.algos import (aggregate_loss, clipped_surrogate, entropy_from_logits, group_advantages,
                           kl_penalty, token_logprobs, trajectory_returns, turn_level_group_advantages)
@@ -50,23 +51,65 @@ def right_aligned(rows: list[list], width: int, fill=0, dtype=torch.float32) -> 
 
 
 def by_length(trajs: list[Trajectory], idx) -> list[int]:
-    """`idx` sorted by sequence length (prompt + completion, then completion): consecutive runs of it
-    make micro-batches of similar length, so left-padding each to its longest wastes little compute
-    and the LM head (run on the longest completion's positions) few prompt positions."""
-    return sorted(idx, key=lambda i: (len(trajs[i].prompt_ids) + len(trajs[i].ids), len(trajs[i].ids)))
+    """`idx` ordered so that consecutive runs of it make cheap micro-batches: the G episodes of a
+    prompt side by side (a micro-batch computes their shared prompt once, `completion_logits`), and
+    groups sorted by length (prompt + the group's longest completion), so that padding each
+    micro-batch to its longest wastes little compute. With no repeated prompt this is plain
+    sorting by sequence length."""
+    longest: dict[tuple, int] = {}
+    for i in idx:
+        key = tuple(trajs[i].prompt_ids)
+        longest[key] = max(longest.get(key, 0), len(trajs[i].ids))
+
+    def order(i):
+        prompt = tuple(trajs[i].prompt_ids)
+        return len(prompt) + longest[prompt], prompt, len(trajs[i].ids)
+    return sorted(idx, key=order)
+
+
+def completion_logits(model, trajs: list[Trajectory], width: int) -> torch.Tensor:
+    """Logits [B, width, V] that predict each completion token, completions right-aligned to `width`.
+
+    Rows that share a prompt (the G episodes of a GRPO group) have it computed once: the prompts
+    minus their last token run in one pass that fills a KV cache, whose rows are then repeated
+    for each episode, and every episode's last prompt token + completion runs on top, left-padded
+    (the padding sits between prompt and completion, masked, with positions that continue the
+    prompt). The logits are those of one plain pass over prompt + completion, to float rounding;
+    the gradient flows through the shared keys and values into every episode's loss. When sharing
+    saves no tokens (distinct prompts), it is that one plain pass, with the LM head on the last
+    width + 1 positions only.
+    """
+    index: dict[tuple, int] = {}
+    stem_of = [index.setdefault(tuple(t.prompt_ids), len(index)) for t in trajs]
+    prompts = [list(p) for p in index]
+    plain_tokens = len(trajs) * max(len(t.prompt_ids) + len(t.ids) for t in trajs)
+    shared_tokens = len(prompts) * max(len(p) - 1 for p in prompts) + len(trajs) * (width + 1)
+    checkpointing = getattr(model, "is_activation_checkpointing", False)  # it turns the cache off
+    if shared_tokens >= plain_tokens or min(len(p) for p in prompts) < 2 or checkpointing:
+        ids, attn, pos = left_pad([t.prompt_ids + t.ids for t in trajs], pad_id=0)
+        return model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=width + 1).logits[:, :-1]
+    ids, stem_mask, pos = left_pad([p[:-1] for p in prompts], pad_id=0)
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids, attention_mask=stem_mask, position_ids=pos, past_key_values=cache, use_cache=True,
+          logits_to_keep=1)
+    rows = torch.tensor(stem_of)
+    cache.batch_select_indices(rows)
+    ids, rest_mask, pos = left_pad([[t.prompt_ids[-1]] + t.ids for t in trajs], pad_id=0)
+    pos = pos + stem_mask.sum(-1)[rows, None]  # a row's tokens continue its prompt
+    attn = torch.cat([stem_mask[rows], rest_mask], dim=1)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
+    return out.logits[:, -width - 1:-1]
 
 
 def completion_logprobs(model, trajs: list[Trajectory], with_entropy: bool = False, temperature: float = 1.0):
     """Log-probs of every completion token under softmax(logits / T), [B, K] right-aligned,
     K = longest completion. T must be the sampling temperature, so that the first ratio is 1.
 
-    Sequences are left-padded so that all completions end at the last column; the LM head only
-    runs on the last K+1 positions (`logits_to_keep`), not on the prompts.
+    A shared prompt is computed once per micro-batch and the LM head runs on completion positions
+    only (`completion_logits`).
     """
     width = max(len(t.ids) for t in trajs)
-    ids, attn, pos = left_pad([t.prompt_ids + t.ids for t in trajs], pad_id=0)
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=width + 1).logits
-    logits = logits[:, :-1].float() / temperature
+    logits = completion_logits(model, trajs, width).float() / temperature
     targets = right_aligned([t.ids for t in trajs], width, dtype=torch.long)
     logp = token_logprobs(logits, targets)
     entropy = entropy_from_logits(logits.detach()) if with_entropy else None
