@@ -333,6 +333,7 @@ def bench_grpo_ours(name, factory, lora: bool, s: dict, repeats: int, peak_gflop
     from steprl.models.loading import apply_lora
     from steprl.monitor.autofix import Knobs
     from steprl.recipes.evaluate import tool_setup
+    from steprl.recipes.common import adamw
     from steprl.recipes.grpo import grpo_step
     from steprl.tasks import get_task
 
@@ -361,7 +362,7 @@ def bench_grpo_ours(name, factory, lora: bool, s: dict, repeats: int, peak_gflop
     tools, renderer, suffix = tool_setup(task, tok)
     problems = task.problems("train", 1000, seed=0)
     params = [q for q in model.parameters() if q.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=g.learning_rate, weight_decay=0.0)
+    optimizer = adamw(params, lr=g.learning_rate, weight_decay=0.0)  # as the recipes build it
     knobs = Knobs(g.learning_rate, g.kl_coef, g.micro_batch_size or g.minibatch_size, g.num_generations,
                   g.max_new_tokens, g.max_grad_norm, g.gradient_checkpointing)
     generator, rng = torch.Generator().manual_seed(cfg.seed), random.Random(cfg.seed)

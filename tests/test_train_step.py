@@ -80,22 +80,25 @@ def test_by_length_groups_similar_lengths_and_keeps_every_index(tiny):
     assert padded(order) <= padded(idx)
 
 
-def grouped_trajectories(vocab, n_prompts=3, group=4, seed=0):
-    """GRPO-shaped trajectories: `group` episodes per prompt, prompts and completions of mixed lengths."""
+def grouped_trajectories(vocab, n_prompts=3, group=4, seed=0, system=0):
+    """GRPO-shaped trajectories: `group` episodes per prompt, prompts and completions of mixed
+    lengths; every prompt begins with the same `system` tokens."""
     rng = random.Random(seed)
+    head = [rng.randrange(4, vocab) for _ in range(system)]
     trajs = []
     for _ in range(n_prompts):
-        prompt = [rng.randrange(4, vocab) for _ in range(rng.randint(6, 20))]
+        prompt = head + [rng.randrange(4, vocab) for _ in range(rng.randint(6, 20))]
         for _ in range(group):
             k = rng.randint(1, 12)
             trajs.append(Trajectory(PROBLEM, list(prompt), ids=[rng.randrange(4, vocab) for _ in range(k)], mask=[1] * k))
     return trajs
 
 
-@pytest.mark.parametrize("use_lora", [False, True])
-def test_shared_prompt_pass_equals_one_sequence_at_a_time(tiny, use_lora):
-    """Episodes that share a prompt compute it once (`completion_logits`): their log-probs and the
-    gradient of any loss on them equal those of separate unpadded passes, one episode each."""
+@pytest.mark.parametrize("use_lora,system", [(False, 0), (True, 0), (False, 12), (True, 12)])
+def test_shared_prompt_pass_equals_one_sequence_at_a_time(tiny, use_lora, system):
+    """Episodes that share a prompt compute it once, and prompts that share a beginning compute
+    that once (`completion_logits`): the log-probs and the gradient of any loss on them equal
+    those of separate unpadded passes, one episode each."""
     from steprl.models.loading import apply_lora
 
     torch.manual_seed(0)
@@ -106,7 +109,7 @@ def test_shared_prompt_pass_equals_one_sequence_at_a_time(tiny, use_lora):
         for n, p in model.named_parameters():  # LoRA B starts at zero: make the adapters count
             if "lora_B" in n:
                 p.data.normal_(0, 0.1)
-    trajs = grouped_trajectories(tiny[0].config.vocab_size)
+    trajs = grouped_trajectories(tiny[0].config.vocab_size, system=system)
     width = max(len(t.ids) for t in trajs)
     weights = torch.randn(len(trajs), width, generator=torch.Generator().manual_seed(1))
     mask = right_aligned([t.mask for t in trajs], width)
@@ -118,7 +121,10 @@ def test_shared_prompt_pass_equals_one_sequence_at_a_time(tiny, use_lora):
     shared, _ = completion_logprobs(model, trajs)
     (shared * weights * mask).sum().backward()
     grads_shared = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    assert calls[0][0] == 3 and calls[1][0] == len(trajs), calls  # 3 prompts once, then 12 episodes
+    if system:  # the common beginning once, then the 3 prompts' rests, then the 12 episodes
+        assert [c[0] for c in calls] == [1, 3, len(trajs)] and calls[0][1] == system, calls
+    else:  # the 3 prompts once, then the 12 episodes
+        assert [c[0] for c in calls] == [3, len(trajs)], calls
     model.forward = real_forward
 
     model.zero_grad(set_to_none=True)

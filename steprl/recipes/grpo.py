@@ -70,35 +70,60 @@ def by_length(trajs: list[Trajectory], idx) -> list[int]:
 def completion_logits(model, trajs: list[Trajectory], width: int) -> torch.Tensor:
     """Logits [B, width, V] that predict each completion token, completions right-aligned to `width`.
 
-    Rows that share a prompt (the G episodes of a GRPO group) have it computed once: the prompts
-    minus their last token run in one pass that fills a KV cache, whose rows are then repeated
-    for each episode, and every episode's last prompt token + completion runs on top, left-padded
-    (the padding sits between prompt and completion, masked, with positions that continue the
-    prompt). The logits are those of one plain pass over prompt + completion, to float rounding;
-    the gradient flows through the shared keys and values into every episode's loss. When sharing
-    saves no tokens (distinct prompts), it is that one plain pass, with the LM head on the last
-    width + 1 positions only.
+    What the rows share is computed once, in up to three passes through one KV cache, each run
+    on top of the cache of the one before (rows left-padded, the padding masked, positions
+    continuing the row's sequence):
+      1. the beginning common to every prompt (a system prompt, a tool description), once;
+      2. each distinct prompt's rest, minus its last token, once per prompt (the G episodes of a
+         GRPO group share it), the cache's rows repeated for its episodes afterwards;
+      3. each episode's last prompt token + completion; the LM head runs here only.
+    The logits are those of one plain pass over prompt + completion, to float rounding, and the
+    gradient flows through the shared keys and values into every episode's loss. Passes 1 and 2
+    are skipped when they would not save tokens (distinct prompts: one plain pass, LM head on
+    the last width + 1 positions only).
     """
     index: dict[tuple, int] = {}
     stem_of = [index.setdefault(tuple(t.prompt_ids), len(index)) for t in trajs]
-    prompts = [list(p) for p in index]
-    plain_tokens = len(trajs) * max(len(t.prompt_ids) + len(t.ids) for t in trajs)
-    shared_tokens = len(prompts) * max(len(p) - 1 for p in prompts) + len(trajs) * (width + 1)
+    bodies = [list(p[:-1]) for p in index]  # the last prompt token goes with the completion
+    common = min(common_prefix(bodies), min(len(b) for b in bodies) - 1)  # every prompt keeps a token
+    n, u = len(trajs), len(bodies)
+    cost = {"plain": n * max(len(t.prompt_ids) + len(t.ids) for t in trajs),
+            "per_prompt": u * max(len(b) for b in bodies) + n * (width + 1),
+            "common": common + u * max(len(b) - common for b in bodies) + n * (width + 1)}
+    plan = min(cost, key=cost.get)
     checkpointing = getattr(model, "is_activation_checkpointing", False)  # it turns the cache off
-    if shared_tokens >= plain_tokens or min(len(p) for p in prompts) < 2 or checkpointing:
+    if plan == "plain" or min(len(b) for b in bodies) < 1 or checkpointing:
         ids, attn, pos = left_pad([t.prompt_ids + t.ids for t in trajs], pad_id=0)
         return model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=width + 1).logits[:, :-1]
-    ids, stem_mask, pos = left_pad([p[:-1] for p in prompts], pad_id=0)
     cache = DynamicCache(config=model.config)
-    model(input_ids=ids, attention_mask=stem_mask, position_ids=pos, past_key_values=cache, use_cache=True,
-          logits_to_keep=1)
+    past = torch.zeros(u, 0, dtype=torch.long)  # the attention mask of what the cache holds
+    if plan == "common" and common > 0:
+        _, past = cached_pass(model, cache, [bodies[0][:common]], past[:1])
+        cache.batch_select_indices(torch.zeros(u, dtype=torch.long))
+        bodies, past = [b[common:] for b in bodies], past.expand(u, -1)
+    _, past = cached_pass(model, cache, bodies, past)
     rows = torch.tensor(stem_of)
     cache.batch_select_indices(rows)
-    ids, rest_mask, pos = left_pad([[t.prompt_ids[-1]] + t.ids for t in trajs], pad_id=0)
-    pos = pos + stem_mask.sum(-1)[rows, None]  # a row's tokens continue its prompt
-    attn = torch.cat([stem_mask[rows], rest_mask], dim=1)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)
-    return out.logits[:, -width - 1:-1]
+    logits, _ = cached_pass(model, cache, [[t.prompt_ids[-1]] + t.ids for t in trajs], past[rows], keep=width + 1)
+    return logits[:, :-1]
+
+
+def cached_pass(model, cache, seqs: list[list[int]], past: torch.Tensor, keep: int = 1):
+    """Run `seqs` (left-padded) on top of `cache`, whose rows have attention mask `past`.
+    Returns (logits of the last `keep` positions, the attention mask now)."""
+    ids, mask, pos = left_pad(seqs, pad_id=0)
+    attn = torch.cat([past, mask], dim=1)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos + past.sum(-1, keepdim=True),
+                past_key_values=cache, use_cache=True, logits_to_keep=keep)
+    return out.logits, attn
+
+
+def common_prefix(seqs: list[list[int]]) -> int:
+    """Length of the beginning that all of `seqs` share."""
+    first, k = seqs[0], min(len(s) for s in seqs)
+    for s in seqs[1:]:
+        k = next((i for i in range(k) if s[i] != first[i]), k)
+    return k
 
 
 def completion_logprobs(model, trajs: list[Trajectory], with_entropy: bool = False, temperature: float = 1.0):

@@ -15,7 +15,7 @@ import torch
 
 from steprl.config import LoraConfig, RunConfig
 from steprl.models.loading import apply_lora, is_peft, load_policy, resolve
-from steprl.recipes.common import load_state
+from steprl.recipes.common import adamw, load_state
 from steprl.recipes.sft import previous_checkpoint
 
 
@@ -56,7 +56,7 @@ def setup_policy(cfg: RunConfig, stage: str, lora: LoraConfig, learning_rate: fl
     groups = [{"params": params, "lr": learning_rate}]
     if critic is not None:
         groups.append({"params": list(critic.parameters()), "lr": value_lr or learning_rate})
-    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    optimizer = adamw(groups, weight_decay=0.0)
     if state:
         optimizer.load_state_dict(state["optimizer"])
     return Policy(model, tokenizer, ref_model, base, params, optimizer, state, critic)

@@ -31,7 +31,7 @@ from steprl.config import RewardConfig, RunConfig
 from steprl.envs.tool_env import ToolEnv
 from steprl.models.loading import load_policy, load_tokenizer, resolve
 from steprl.monitor import MetricsLogger
-from steprl.recipes.common import Timer, cosine_lr, mark_done, progress_bar, set_lr, setup_torch, stage_dir
+from steprl.recipes.common import Timer, adamw, cosine_lr, mark_done, progress_bar, set_lr, setup_torch, stage_dir
 from steprl.recipes.evaluate import tool_setup
 from steprl.recipes.rm_config import CORRUPTIONS
 from steprl.recipes.sft import previous_checkpoint
@@ -233,7 +233,7 @@ def run(cfg: RunConfig) -> dict:
             modules_to_save=["score", *getattr(c.lora, "modules_to_save", [])]))
     model.train()
     params = [q for q in model.parameters() if q.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=c.learning_rate, weight_decay=c.weight_decay)
+    optimizer = adamw(params, lr=c.learning_rate, weight_decay=c.weight_decay)
     steps_per_epoch = (len(train) + c.batch_size - 1) // c.batch_size
     total = steps_per_epoch * c.epochs
     logger = MetricsLogger(out, "rm", report_to=cfg.report_to, live_doctor=cfg.doctor.enabled,

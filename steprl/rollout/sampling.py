@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from steprl.rollout.decoder import LlamaDecoder
+
 
 @dataclass
 class SamplingParams:
@@ -50,9 +52,17 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator=None):
         drop_sorted = cum - torch.softmax(sorted_logits, dim=-1) > params.top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         filtered = filtered.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(filtered, dim=-1)
-    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    tokens = inverse_cdf_sample(torch.softmax(filtered, dim=-1), generator)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def inverse_cdf_sample(probs: torch.Tensor, generator=None) -> torch.Tensor:
+    """One token per row drawn from `probs` [B, V]: the first index whose cumulative probability
+    exceeds u ~ U(0, total). Exact, one random number per row; `torch.multinomial` costs ~16 ms
+    per call at V = 49k, 30x more. Tokens of probability 0 are never drawn (side="right")."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, side="right").clamp(max=probs.shape[-1] - 1).squeeze(-1)
 
 
 class StopChecker:
@@ -238,6 +248,7 @@ def generate(model, tokenizer, prompts: list[list[int]], params: SamplingParams,
     mask = torch.ones(n, width + max_new, dtype=torch.long)
     mask[:, :width] = prompt_mask
     next_pos = positions[:, -1] + 1
+    decoder = LlamaDecoder.for_model(model) if all(isinstance(x, SlotLayer) for x in cache.layers) else None
 
     eos = torch.tensor(sorted(stop.eos_ids), dtype=torch.long) if hasattr(stop, "eos_ids") else None
     may_stop = getattr(stop, "may_stop", None)
@@ -273,9 +284,12 @@ def generate(model, tokenizer, prompts: list[list[int]], params: SamplingParams,
             keep = alive.nonzero().flatten()
             cache.batch_select_indices(keep)
             rows, mask, next_pos, new, alive = rows[keep], mask[keep], next_pos[keep], new[keep], alive[keep]
-        out = model(input_ids=new[:, None], attention_mask=mask[:, :width + t + 1],
-                    position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
-        logits = out.logits[:, -1]
+        if decoder is not None:
+            logits = decoder.step(new, next_pos, cache, mask[:, :width + t + 1])
+        else:
+            out = model(input_ids=new[:, None], attention_mask=mask[:, :width + t + 1],
+                        position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
+            logits = out.logits[:, -1]
         next_pos = next_pos + 1
     tokens = [out_tokens[i, :k].tolist() for i, k in enumerate(lengths)]
     logps = [out_logps[i, :k].tolist() for i, k in enumerate(lengths)]

@@ -1,0 +1,114 @@
+"""The rollout engine's own decode step (`steprl.rollout.decoder`) computes what HF's forward
+computes: the same logits from the same cache, with LoRA adapters merged, in oneDNN's packed
+layout, and again after the weights change. And the sampler draws from the right distribution."""
+import copy
+
+import pytest
+import torch
+
+from steprl.config import LoraConfig
+from steprl.models.loading import apply_lora
+from steprl.rollout import decoder as dec
+from steprl.rollout.decoder import LlamaDecoder
+from steprl.rollout.sampling import SamplingParams, generate, inverse_cdf_sample, left_pad, prefill
+
+PROMPTS = ["Sam has 12 apples.", "7 plus", "Lily has 9257 stones. She gets 9 more."]
+
+
+def lora_model(tiny, seed=0):
+    torch.manual_seed(seed)
+    model = apply_lora(copy.deepcopy(tiny[0]), LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0,
+                                                          target_modules=["q_proj", "v_proj", "up_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # B starts at zero: make the adapters change the output
+                p.normal_(0, 0.2)
+    return model.eval()
+
+
+def step_logits_both_ways(model, tok, decoder):
+    """Logits of three decode steps from our step and from HF's forward, each on its own cache."""
+    prompts = [tok(t)["input_ids"] for t in PROMPTS]
+    out = []
+    for use_ours in (True, False):
+        with torch.inference_mode():
+            cache, logits, mask, pos = prefill(model, prompts, tok.pad_token_id, 8)
+            width, nxt, new, seen = mask.shape[1], pos[:, -1] + 1, logits.argmax(-1), []
+            full = torch.cat([mask, torch.ones(len(prompts), 8, dtype=torch.long)], dim=1)
+            for t in range(3):
+                m = full[:, :width + t + 1]
+                if use_ours:
+                    logits = decoder.step(new, nxt, cache, m)
+                else:
+                    logits = model(input_ids=new[:, None], attention_mask=m, position_ids=nxt[:, None],
+                                   past_key_values=cache, use_cache=True).logits[:, -1]
+                seen.append(logits)
+                nxt, new = nxt + 1, torch.tensor([5, 9, 17])  # fixed next tokens: both sides read the same
+        out.append(torch.stack(seen))
+    return out
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_decode_step_equals_hf_forward_under_lora(tiny, monkeypatch, packed):
+    if packed and not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build")
+    monkeypatch.setattr(dec, "PACK_MIN_SIZE", 0 if packed else 1 << 40)  # pack the tiny weights, or none
+    model, tok = lora_model(tiny), tiny[1]
+    decoder = LlamaDecoder.for_model(model)
+    assert decoder is not None
+    assert decoder.layers[0]["q"][0].is_mkldnn == packed
+    ours, hf = step_logits_both_ways(model, tok, decoder)
+    torch.testing.assert_close(ours, hf, atol=1e-4, rtol=1e-4)
+    with model.disable_adapter():  # the reference policy: adapters off, a different decoder
+        plain = LlamaDecoder.for_model(model)
+        assert plain is not decoder
+        ours, hf = step_logits_both_ways(model, tok, plain)
+        torch.testing.assert_close(ours, hf, atol=1e-4, rtol=1e-4)
+
+
+def test_decoder_follows_weight_updates_and_stays_out_of_training(tiny):
+    model, tok = lora_model(tiny, seed=1), tiny[1]
+    first = LlamaDecoder.for_model(model)
+    assert LlamaDecoder.for_model(model) is first  # same weights: built once
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=0.05)
+    ids, mask, pos = left_pad([tok(t)["input_ids"] for t in PROMPTS], tok.pad_token_id)
+    model.train()
+    assert LlamaDecoder.for_model(model) is None  # dropout would be live: HF's forward decodes
+    model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.pow(2).mean().backward()
+    opt.step()
+    model.eval()
+    second = LlamaDecoder.for_model(model)
+    assert second is not first
+    ours, hf = step_logits_both_ways(model, tok, second)
+    torch.testing.assert_close(ours, hf, atol=1e-4, rtol=1e-4)
+    stale, _ = step_logits_both_ways(model, tok, first)
+    assert (stale - hf).abs().max() > 1e-3  # the update mattered: a stale decoder would be wrong
+
+
+def test_generate_uses_the_decoder_and_matches_hf_greedy(tiny, monkeypatch):
+    model, tok = lora_model(tiny, seed=2), tiny[1]
+    calls = []
+    real = LlamaDecoder.step
+    monkeypatch.setattr(LlamaDecoder, "step", lambda self, *a: calls.append(1) or real(self, *a))
+    prompts = [tok(t)["input_ids"] for t in PROMPTS]
+    ours, _, _ = generate(model, tok, prompts, SamplingParams(max_new_tokens=6, temperature=0.0))
+    assert len(calls) >= 5
+    ids, mask, _ = left_pad(prompts, tok.pad_token_id)
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    for row, got in zip(ref[:, ids.shape[1]:].tolist(), ours):
+        assert row[:len(got)] == got
+
+
+def test_inverse_cdf_sample_draws_the_distribution():
+    probs = torch.tensor([[0.1, 0.0, 0.2, 0.7], [0.0, 0.5, 0.5, 0.0]]).repeat_interleave(50_000, dim=0)
+    gen = torch.Generator().manual_seed(0)
+    tokens = inverse_cdf_sample(probs, gen)
+    first, second = tokens[:50_000], tokens[50_000:]
+    freq = torch.bincount(first, minlength=4) / 50_000
+    # 4 standard errors of a frequency near 0.7 at n = 50k is 0.008
+    torch.testing.assert_close(freq, torch.tensor([0.1, 0.0, 0.2, 0.7]), atol=0.008, rtol=0)
+    assert set(second.tolist()) == {1, 2}  # zero-probability tokens are never drawn
+    assert abs(float((second == 1).float().mean()) - 0.5) < 0.01
