@@ -116,6 +116,39 @@ def test_rm_lora_saves_a_merged_model(base, tmp_path):
     assert len(rm.RewardModelScorer(str(ckpt))(["q"], ["a"])) == 1
 
 
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_rm_mean_pooling_by_hand(base, tmp_path, use_lora):
+    """pooling "mean": r = mean of the head's per-token scores over the assistant's tokens, in a
+    padded batch equal to one unpadded sequence at a time; the trained checkpoint records its
+    pooling and the scorer applies it."""
+    cfg = config(base, tmp_path, "rm", rm=RMConfig(n_pairs=8, n_test_pairs=4, epochs=1, batch_size=8, pooling="mean",
+                                                   lora=LoraConfig(enabled=use_lora, r=4, alpha=8)))
+    info = rm.run(cfg)
+    ckpt = Path(info["checkpoint"])
+    assert json.loads((ckpt / "config.json").read_text())["steprl_rm_pooling"] == "mean"
+    scorer = rm.RewardModelScorer(str(ckpt))
+    model = scorer.model
+    torch.manual_seed(0)
+    model.score.weight.data.normal_()  # a head that tells tokens apart
+    seqs = [[5, 9, 12, 7, 30, 31], [5, 9, 40], [8, 8, 8, 8]]
+    masks = [[0, 0, 1, 1, 0, 1], [0, 1, 1], [0, 0, 0, 1]]
+    with torch.no_grad():
+        got = rm.scores(model, seqs, scorer.tokenizer.pad_token_id, masks)
+        for seq, mask, r in zip(seqs, masks, got):
+            hidden = model.model(input_ids=torch.tensor([seq])).last_hidden_state[0]
+            per_token = hidden @ model.score.weight[0]
+            want = sum(v for v, m in zip(per_token.tolist(), mask) if m) / sum(mask)
+            assert abs(float(r) - want) < 1e-5, (float(r), want)
+    task = rm.get_task("calc")
+    messages = task.solution_messages(task.problems("test", 1)[0])
+    ids, mask = scorer.renderer.conversation_ids(messages)
+    with torch.no_grad():
+        want = rm.scores(model, [ids], scorer.tokenizer.pad_token_id, [mask])
+        last = rm.scores(model, [ids], scorer.tokenizer.pad_token_id)
+    assert scorer([messages[:2]], [messages[2:]]) == pytest.approx(want.tolist(), abs=1e-6)
+    assert abs(float(want - last)) > 1e-4  # mean pooling is not the last token's score
+
+
 def hand_trajectory():
     """Prompt, turn 0 (2 sampled tokens), 2 observation tokens, turn 1 (1 sampled token)."""
     return Trajectory(Problem("p", "q", "1"), prompt_ids=[1, 2], ids=[10, 11, 50, 51, 12], mask=[1, 1, 0, 0, 1],

@@ -16,7 +16,7 @@ from steprl.config import RunConfig
 from steprl.models.loading import load_policy, save_checkpoint
 from steprl.models.tiny import render_chatml, tiny_llama, train_tokenizer
 from steprl.monitor import MetricsLogger
-from steprl.recipes.common import (Timer, adamw, cosine_lr, wsd_lr, load_state, mark_done, progress_bar, save_state,
+from steprl.recipes.common import (Timer, cosine_lr, wsd_lr, load_state, mark_done, progress_bar, save_state,
                                    set_lr, setup_torch, stage_dir)
 from steprl.tasks import get_task
 
@@ -77,7 +77,7 @@ def run(cfg: RunConfig) -> dict:
     model.train()
     decay = [q for n, q in model.named_parameters() if q.dim() >= 2]
     no_decay = [q for n, q in model.named_parameters() if q.dim() < 2]
-    optimizer = adamw([{"params": decay, "weight_decay": p.weight_decay},
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": p.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=p.learning_rate, betas=(0.9, 0.95))
     start = 0

@@ -1,7 +1,8 @@
 """Stage `rm`, a Bradley-Terry reward model: a scalar head on the language model, trained so the
 preferred conversation of each pair scores higher.
 
-    r(x, y)  = score head on the last token's hidden state (AutoModelForSequenceClassification, 1 label)
+    r(x, y)  = w . h_last  (pooling "last": AutoModelForSequenceClassification, 1 label)
+             = sum_t m_t w . h_t / sum_t m_t  (pooling "mean": m_t = 1 on the tokens the assistant wrote)
     L        = mean_pairs[ -log sigmoid(r(x, y_w) - r(x, y_l) - m) ] + c * mean_pairs[ (r_w + r_l)^2 ]
 
 m is an optional per-pair margin (use_margin), c the reward-centring coefficient (Eisenstein et
@@ -31,7 +32,7 @@ from steprl.config import RewardConfig, RunConfig
 from steprl.envs.tool_env import ToolEnv
 from steprl.models.loading import load_policy, load_tokenizer, resolve
 from steprl.monitor import MetricsLogger
-from steprl.recipes.common import Timer, adamw, cosine_lr, mark_done, progress_bar, set_lr, setup_torch, stage_dir
+from steprl.recipes.common import Timer, cosine_lr, mark_done, progress_bar, set_lr, setup_torch, stage_dir
 from steprl.recipes.evaluate import tool_setup
 from steprl.recipes.rm_config import CORRUPTIONS
 from steprl.recipes.sft import previous_checkpoint
@@ -157,25 +158,48 @@ def reward_model_from(base: str):
     return model.float(), tokenizer
 
 
-def scores(model, seqs: list[list[int]], pad_id: int) -> torch.Tensor:
-    """r for each token sequence, [N]: right-padded batch, the head reads the last real token."""
+def scores(model, seqs: list[list[int]], pad_id: int, masks: list[list[int]] | None = None) -> torch.Tensor:
+    """r for each token sequence, [N], right-padded batch. Without `masks` the head reads the last
+    real token; with them, r is the mean of the head's per-token scores where the mask is 1."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id)
     attn = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, : len(s)], attn[i, : len(s)] = torch.tensor(s), 1
-    return model(input_ids=ids, attention_mask=attn).logits[:, 0].float()
+    if masks is None:
+        return model(input_ids=ids, attention_mask=attn).logits[:, 0].float()
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: LoRA stays active
+    hidden = getattr(inner, inner.base_model_prefix)(input_ids=ids, attention_mask=attn).last_hidden_state
+    per_token = inner.score(hidden)[..., 0].float()  # [N, T]
+    m = torch.zeros_like(per_token)
+    for i, mask in enumerate(masks):
+        m[i, : len(mask)] = torch.tensor(mask[: width], dtype=m.dtype)
+    return (per_token * m).sum(-1) / m.sum(-1).clamp(min=1)
+
+
+def encode_pair(renderer, pair: dict, max_length: int) -> None:
+    """Token ids and assistant masks of both sides, cut at max_length."""
+    for side in ("chosen", "rejected"):
+        ids, mask = renderer.conversation_ids(pair[side])
+        pair[f"{side}_ids"], pair[f"{side}_mask"] = ids[:max_length], mask[:max_length]
+
+
+def pair_scores(model, batch: list[dict], pad_id: int, pooling: str) -> torch.Tensor:
+    """Scores [2 x len(batch)]: every chosen side, then every rejected side."""
+    seqs = [p["chosen_ids"] for p in batch] + [p["rejected_ids"] for p in batch]
+    masks = [p["chosen_mask"] for p in batch] + [p["rejected_mask"] for p in batch]
+    return scores(model, seqs, pad_id, masks if pooling == "mean" else None)
 
 
 @torch.no_grad()
-def pairwise_eval(model, pairs: list[dict], pad_id: int, batch_size: int) -> dict:
+def pairwise_eval(model, pairs: list[dict], pad_id: int, batch_size: int, pooling: str = "last") -> dict:
     """eval/accuracy = P(r_w > r_l) on encoded pairs, eval/loss = the BT loss, accuracy per kind."""
     was_training = model.training
     model.eval()
     rc, rr = [], []
     for lo in range(0, len(pairs), batch_size):
         batch = pairs[lo:lo + batch_size]
-        s = scores(model, [p["chosen_ids"] for p in batch] + [p["rejected_ids"] for p in batch], pad_id)
+        s = pair_scores(model, batch, pad_id, pooling)
         rc.append(s[: len(batch)])
         rr.append(s[len(batch):])
     model.train(was_training)
@@ -221,8 +245,7 @@ def run(cfg: RunConfig) -> dict:
         test = load_pairs(c.test_data) if c.test_data else generated_pairs(
             task, tools, suffix, task.problems("test", c.n_test_pairs), c.corruptions, cfg.seed + 1)
     for p in train + test:
-        p["chosen_ids"] = renderer.conversation_ids(p["chosen"])[0][: c.max_length]
-        p["rejected_ids"] = renderer.conversation_ids(p["rejected"])[0][: c.max_length]
+        encode_pair(renderer, p, c.max_length)
 
     if c.lora.enabled:
         from peft import LoraConfig as PeftLoraConfig, get_peft_model
@@ -233,7 +256,7 @@ def run(cfg: RunConfig) -> dict:
             modules_to_save=["score", *getattr(c.lora, "modules_to_save", [])]))
     model.train()
     params = [q for q in model.parameters() if q.requires_grad]
-    optimizer = adamw(params, lr=c.learning_rate, weight_decay=c.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=c.learning_rate, weight_decay=c.weight_decay)
     steps_per_epoch = (len(train) + c.batch_size - 1) // c.batch_size
     total = steps_per_epoch * c.epochs
     logger = MetricsLogger(out, "rm", report_to=cfg.report_to, live_doctor=cfg.doctor.enabled,
@@ -248,7 +271,7 @@ def run(cfg: RunConfig) -> dict:
             lr = c.learning_rate * cosine_lr(step, total, c.warmup_steps)
             set_lr(optimizer, lr)
             batch = [train[i] for i in order[b * c.batch_size:(b + 1) * c.batch_size]]
-            s = scores(model, [p["chosen_ids"] for p in batch] + [p["rejected_ids"] for p in batch], pad_id)
+            s = pair_scores(model, batch, pad_id, c.pooling)
             r_w, r_l = s[: len(batch)], s[len(batch):]
             margin = torch.tensor([p["margin"] for p in batch]) if c.use_margin else None
             loss = bradley_terry_loss(r_w, r_l, margin) + c.center_rewards_coefficient * ((r_w + r_l) ** 2).mean()
@@ -268,7 +291,7 @@ def run(cfg: RunConfig) -> dict:
                            "learning_rate": lr, "grad_norm": float(grad_norm), "epoch": epoch + (b + 1) / steps_per_epoch,
                            "step_time": timer.seconds / step}
             if b + 1 == steps_per_epoch and test:
-                ev = pairwise_eval(model, test, pad_id, c.eval_batch_size)
+                ev = pairwise_eval(model, test, pad_id, c.eval_batch_size, c.pooling)
                 metrics.update({"eval/accuracy": ev["accuracy"], "eval/loss": ev["loss"]})
             if metrics:
                 logger.log(metrics, step)
@@ -276,10 +299,11 @@ def run(cfg: RunConfig) -> dict:
                                                              if "eval/accuracy" in metrics else {}))
     bar.close()
     logger.close()
-    ev = pairwise_eval(model, test, pad_id, c.eval_batch_size) if test else {"accuracy": 0.0, "n": 0}
+    ev = pairwise_eval(model, test, pad_id, c.eval_batch_size, c.pooling) if test else {"accuracy": 0.0, "n": 0}
     if c.lora.enabled:
         model = model.merge_and_unload()
     ckpt = out / "checkpoint"
+    model.config.steprl_rm_pooling = c.pooling  # RewardModelScorer pools the same way
     model.save_pretrained(ckpt)
     tokenizer.save_pretrained(ckpt)
     (ckpt / INFO_FILE).write_text(json.dumps({"task": cfg.task.name, "task_args": cfg.task.args}))
@@ -310,6 +334,7 @@ class RewardModelScorer:
 
             self.renderer = ChatRenderer(self.tokenizer)
         self.batch_size, self.max_length = batch_size, max_length
+        self.pooling = getattr(self.model.config, "steprl_rm_pooling", "last")
         self.__name__ = "reward_model"
 
     @torch.no_grad()
@@ -318,8 +343,11 @@ class RewardModelScorer:
             conversations = [t.messages for t in trajectories]
         else:
             conversations = [as_messages(p, c) for p, c in zip(prompts, completions)]
-        seqs = [self.renderer.conversation_ids(m)[0][: self.max_length] for m in conversations]
+        encoded = [self.renderer.conversation_ids(m) for m in conversations]
+        seqs = [ids[: self.max_length] for ids, _ in encoded]
+        masks = [mask[: self.max_length] for _, mask in encoded] if self.pooling == "mean" else None
         out = []
         for lo in range(0, len(seqs), self.batch_size):
-            out += scores(self.model, seqs[lo:lo + self.batch_size], self.tokenizer.pad_token_id).tolist()
+            part = masks[lo:lo + self.batch_size] if masks else None
+            out += scores(self.model, seqs[lo:lo + self.batch_size], self.tokenizer.pad_token_id, part).tolist()
         return out

@@ -5,6 +5,7 @@ Field names follow TRL's RewardConfig where it has one (center_rewards_coefficie
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 CORRUPTIONS = ("wrong_number", "wrong_answer", "missing_answer", "malformed_call")
 
@@ -25,6 +26,9 @@ class RMConfig:
     max_length: int = 512  # tokens per conversation (longer ones are cut at the end)
     use_margin: bool = False  # per-pair margin: JSONL "margin", or the rule-reward gap for generated pairs
     center_rewards_coefficient: float = 0.0  # + c * mean((r_w + r_l)^2): keeps rewards centred on 0
+    # r from the last token's score ("last", as TRL) or the mean score over the tokens the assistant
+    # wrote ("mean": each token can flag what it got wrong, e.g. a digit that does not match the tool result)
+    pooling: Literal["last", "mean"] = "last"
     init_from: str | None = None  # default: the last policy stage before rm (else model.name_or_path)
     log_every: int = 5
     eval_batch_size: int = 64

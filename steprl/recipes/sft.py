@@ -17,7 +17,7 @@ import torch
 from steprl.config import RunConfig
 from steprl.models.loading import apply_lora, load_policy, resolve, save_checkpoint
 from steprl.monitor import MetricsLogger
-from steprl.recipes.common import (Timer, adamw, cosine_lr, mark_done, progress_bar, set_lr, setup_torch,
+from steprl.recipes.common import (Timer, cosine_lr, mark_done, progress_bar, set_lr, setup_torch,
                                    stage_dir)
 from steprl.rollout.episodes import ChatRenderer
 from steprl.tasks import get_task
@@ -78,7 +78,7 @@ def run(cfg: RunConfig) -> dict:
         model = apply_lora(model, s.lora)
     model.train()
     params = [q for q in model.parameters() if q.requires_grad]
-    optimizer = adamw(params, lr=s.learning_rate, weight_decay=s.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=s.weight_decay)
     steps_per_epoch = (len(train_set) + s.batch_size - 1) // s.batch_size
     total = steps_per_epoch * s.epochs
     logger = MetricsLogger(out, "sft", report_to=cfg.report_to, live_doctor=cfg.doctor.enabled,
