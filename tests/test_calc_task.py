@@ -1,5 +1,7 @@
 from fractions import Fraction
 
+import pytest
+
 from steprl.tasks import get_task
 from steprl.tasks.base import answers_match, extract_answer
 from steprl.tasks.calc import CalcTask, chain_expression
@@ -48,3 +50,16 @@ def test_unknown_task_and_split():
         get_task("nope")
     with pytest.raises(ValueError, match="unknown split"):
         CalcTask().problems("valid")
+
+
+def test_quoted_corpus_quotes_the_expression_and_changes_nothing_else():
+    plain, quoted = CalcTask().pretrain_corpus(300), CalcTask(quoted=True).pretrain_corpus(300)
+    said = [d for d in quoted if isinstance(d, str) and "The expression is" in d]
+    assert 30 < len(said) < 90  # ~20% of the documents
+    for doc in said:  # the quoted expression is the one the worked solution then computes
+        expr = doc.split('The expression is "', 1)[1].split('"', 1)[0]
+        assert f"We compute {expr} = " in doc
+    assert not any(isinstance(d, str) and '"' in d for d in plain)  # pretraining shows no quote otherwise
+    assert [p.question for p in CalcTask(quoted=True).problems("test")] == [p.question for p in CalcTask().problems("test")]
+    with pytest.raises(ValueError, match="quoted must be true or false"):
+        CalcTask(quoted="yes")

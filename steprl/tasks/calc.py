@@ -23,6 +23,10 @@ Two variants, selected by task args, for the experiments of issue 3:
     one_call_per_op=True  one calculator call per operation: turn 1 `12 + 5` -> 17, turn 2
                           `17 / 3` -> 6, then the answer: a 3-op problem takes 3 calls and 4 turns,
                           so per-turn (dense) rewards and credit assignment matter.
+
+And one for the pretraining text: quoted=True adds `The expression is "(12 + 5) / 3".` before
+a fifth of the worked stories, so that a quote before a number is not first seen in a tool call
+(docs/experiments.md, "Fourth session").
 """
 from __future__ import annotations
 
@@ -120,14 +124,14 @@ class CalcTask(Task):
     turns_needed = 2  # a call, then the answer
 
     def __init__(self, min_ops: int = 1, max_ops: int = 3, test_size: int = 500, tools: bool = True,
-                 one_call_per_op: bool = False):
+                 one_call_per_op: bool = False, quoted: bool = False):
         if not 1 <= min_ops <= max_ops:
             raise ValueError(f"calc: need 1 <= min_ops <= max_ops, got {min_ops}, {max_ops}")
-        for key, value in {"tools": tools, "one_call_per_op": one_call_per_op}.items():
+        for key, value in {"tools": tools, "one_call_per_op": one_call_per_op, "quoted": quoted}.items():
             if not isinstance(value, bool):
                 raise ValueError(f"calc: {key} must be true or false, got {value!r}")
         self.min_ops, self.max_ops, self.test_size = min_ops, max_ops, test_size
-        self.use_tools, self.one_call_per_op = tools, one_call_per_op
+        self.use_tools, self.one_call_per_op, self.quoted = tools, one_call_per_op, quoted
         if not self.use_tools:  # PBRFT: s_0 = prompt, one answer y, reward r(s_0, y)
             self.tool_names, self.system_prompt, self.max_turns, self.turns_needed = (), DIRECT_PROMPT, 1, 1
         elif self.one_call_per_op:
@@ -204,7 +208,9 @@ class CalcTask(Task):
         for p in self.problems("train", n_docs, seed=20_000 + seed):
             solution = f"{self.worked_solution(p)} The answer is {p.answer}."
             roll = rng.random()
-            if roll < 0.4:
+            if self.quoted and roll < 0.2:  # the expression in quotes, as text quotes it (and a call will)
+                docs.append(f'{p.question} The expression is "{p.meta["expression"]}". {solution}')
+            elif roll < 0.4:
                 docs.append(f"{p.question} {solution}")
             elif roll < 0.8:  # the same worked solution as a chat, rendered by the model's template
                 docs.append([{"role": "user", "content": p.question},
