@@ -68,7 +68,7 @@ class PretrainConfig:
     log_every: int = 10
     eval_every: int = 100
     save_every: int = 200
-    compile: bool = False  # torch.compile the training step: -10% wall time over 100 demo steps, compilation included (docs/benchmarks.md)
+    compile: bool = False  # torch.compile the training step: -10% wall time (docs/benchmarks.md), but runs stop being bit-reproducible
 
 
 @dataclass
