@@ -332,8 +332,8 @@ def bench_grpo_ours(name, factory, lora: bool, s: dict, repeats: int, peak_gflop
     from steprl.config import LoraConfig, RunConfig, TaskConfig, validate
     from steprl.models.loading import apply_lora
     from steprl.monitor.autofix import Knobs
-    from steprl.recipes.evaluate import tool_setup
     from steprl.recipes.common import adamw
+    from steprl.recipes.evaluate import tool_setup
     from steprl.recipes.grpo import grpo_step
     from steprl.tasks import get_task
 

@@ -68,6 +68,11 @@ def is_peft(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+def unwrap_peft(model):
+    """The transformers model inside a PEFT wrapper (its LoRA layers still active), or the model."""
+    return model.get_base_model() if is_peft(model) else model
+
+
 def save_checkpoint(model, tokenizer, directory: Path, base_path: str | None = None) -> None:
     """Hugging Face format: the full model, or the adapter with an absolute base path."""
     directory.mkdir(parents=True, exist_ok=True)

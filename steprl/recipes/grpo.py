@@ -35,7 +35,7 @@ from steprl.recipes.evaluate import make_envs, tool_setup
 from steprl.recipes.policy import setup_policy
 from steprl.rewards import add_final_rewards, resolve_rewards
 from steprl.rollout.episodes import Trajectory, run_episodes
-from steprl.rollout.sampling import SamplingParams, left_pad
+from steprl.rollout.sampling import SamplingParams, common_prefix, left_pad
 from steprl.tasks import get_task
 
 
@@ -85,7 +85,8 @@ def completion_logits(model, trajs: list[Trajectory], width: int) -> torch.Tenso
     index: dict[tuple, int] = {}
     stem_of = [index.setdefault(tuple(t.prompt_ids), len(index)) for t in trajs]
     bodies = [list(p[:-1]) for p in index]  # the last prompt token goes with the completion
-    common = min(common_prefix(bodies), min(len(b) for b in bodies) - 1)  # every prompt keeps a token
+    shared = min(common_prefix(bodies[0], b) for b in bodies)
+    common = min(shared, min(len(b) for b in bodies) - 1)  # every prompt keeps a token
     n, u = len(trajs), len(bodies)
     cost = {"plain": n * max(len(t.prompt_ids) + len(t.ids) for t in trajs),
             "per_prompt": u * max(len(b) for b in bodies) + n * (width + 1),
@@ -116,14 +117,6 @@ def cached_pass(model, cache, seqs: list[list[int]], past: torch.Tensor, keep: i
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos + past.sum(-1, keepdim=True),
                 past_key_values=cache, use_cache=True, logits_to_keep=keep)
     return out.logits, attn
-
-
-def common_prefix(seqs: list[list[int]]) -> int:
-    """Length of the beginning that all of `seqs` share."""
-    first, k = seqs[0], min(len(s) for s in seqs)
-    for s in seqs[1:]:
-        k = next((i for i in range(k) if s[i] != first[i]), k)
-    return k
 
 
 def completion_logprobs(model, trajs: list[Trajectory], with_entropy: bool = False, temperature: float = 1.0):

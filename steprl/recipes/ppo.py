@@ -48,7 +48,7 @@ from steprl.algos import (AdaptiveKLController, FixedKLController, aggregate_los
                           clipped_value_loss, discounted_returns, entropy_from_logits, gae, kl_penalty,
                           masked_mean, masked_whiten, token_logprobs)
 from steprl.config import RunConfig
-from steprl.models.loading import is_peft, save_checkpoint
+from steprl.models.loading import save_checkpoint, unwrap_peft
 from steprl.monitor import MetricsLogger
 from steprl.monitor.autofix import AutoFixer, Knobs, handle_oom
 from steprl.recipes.common import Timer, cosine_lr, mark_done, progress_bar, save_state, setup_torch, stage_dir
@@ -103,7 +103,7 @@ def policy_forward(model, trajs, head=None, temperature: float = 1.0):
     if head is None:
         logp, entropy = completion_logprobs(model, trajs, with_entropy=True, temperature=temperature)
         return logp, entropy, None
-    base = model.get_base_model() if is_peft(model) else model
+    base = unwrap_peft(model)
     hidden = completion_hidden(base.get_decoder(), trajs)
     logits = base.get_output_embeddings()(hidden).float() / temperature
     targets = right_aligned([t.ids for t in trajs], hidden.shape[1], dtype=torch.long)

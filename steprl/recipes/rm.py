@@ -30,7 +30,7 @@ from transformers import AutoModelForSequenceClassification
 from steprl.algos import bradley_terry_loss
 from steprl.config import RewardConfig, RunConfig
 from steprl.envs.tool_env import ToolEnv
-from steprl.models.loading import load_policy, load_tokenizer, resolve
+from steprl.models.loading import load_policy, load_tokenizer, resolve, unwrap_peft
 from steprl.monitor import MetricsLogger
 from steprl.recipes.common import Timer, cosine_lr, mark_done, progress_bar, set_lr, setup_torch, stage_dir
 from steprl.recipes.evaluate import tool_setup
@@ -168,7 +168,7 @@ def scores(model, seqs: list[list[int]], pad_id: int, masks: list[list[int]] | N
         ids[i, : len(s)], attn[i, : len(s)] = torch.tensor(s), 1
     if masks is None:
         return model(input_ids=ids, attention_mask=attn).logits[:, 0].float()
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: LoRA stays active
+    inner = unwrap_peft(model)
     hidden = getattr(inner, inner.base_model_prefix)(input_ids=ids, attention_mask=attn).last_hidden_state
     per_token = inner.score(hidden)[..., 0].float()  # [N, T]
     m = torch.zeros_like(per_token)

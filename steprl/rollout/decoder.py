@@ -22,10 +22,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from steprl.models.loading import unwrap_peft
+
 SUPPORTED = {"llama", "qwen2", "mistral"}
-PACK = True
-
-
 PACK_MIN_SIZE = 1 << 18  # weights of at least this many entries get oneDNN's layout
 
 
@@ -35,7 +34,7 @@ def pack(wb):
     against 21 at 16 rows). Small matrices (the tiny model's) stay dense: there the layout
     conversions of the input cost more than they save."""
     weight, bias = wb
-    if not PACK or weight.numel() < PACK_MIN_SIZE or not torch.backends.mkldnn.is_available():
+    if weight.numel() < PACK_MIN_SIZE or not torch.backends.mkldnn.is_available():
         return wb
     return weight.to_mkldnn(), None if bias is None else bias.to_mkldnn()
 
@@ -52,21 +51,13 @@ def effective_linear(module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight.detach(), None if base.bias is None else base.bias.detach()
 
 
-def inner_model(model):
-    """The transformers CausalLM inside a PEFT wrapper (or the model itself)."""
-    if hasattr(model, "get_base_model"):
-        return model.get_base_model()
-    return model
-
-
 class LlamaDecoder:
     """Decode steps of one model at one version of its weights (`for_model` rebuilds it when an
     optimiser step or a LoRA toggle changes them)."""
 
     def __init__(self, model):
-        lm = inner_model(model)
+        lm = unwrap_peft(model)
         cfg = lm.config
-        self.model, self.lm = model, lm
         self.eps = cfg.rms_norm_eps
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.layers = []
@@ -93,13 +84,13 @@ class LlamaDecoder:
 
     @staticmethod
     def supports(model) -> bool:
-        lm = inner_model(model)
+        lm = unwrap_peft(model)
         cfg = getattr(lm, "config", None)
         if cfg is None or cfg.model_type not in SUPPORTED:  # sliding windows: `new_cache` decides
             return False
         layer = lm.model.layers[0]
-        return (getattr(cfg, "hidden_act", "silu") == "silu" and type(layer.input_layernorm).__name__.endswith("RMSNorm")
-                and not getattr(cfg, "mlp_bias", False))
+        rms_norm = type(layer.input_layernorm).__name__.endswith("RMSNorm")
+        return getattr(cfg, "hidden_act", "silu") == "silu" and rms_norm and not getattr(cfg, "mlp_bias", False)
 
     @staticmethod
     def version(model) -> tuple:
