@@ -1,9 +1,16 @@
 """Stage `rm`, a Bradley-Terry reward model: a scalar head on the language model, trained so the
 preferred conversation of each pair scores higher.
 
-    r(x, y)  = w . h_last  (pooling "last": AutoModelForSequenceClassification, 1 label)
+    r(x, y)  = w . h_last  (type "classifier", pooling "last": AutoModelForSequenceClassification, 1 label)
              = sum_t m_t w . h_t / sum_t m_t  (pooling "mean": m_t = 1 on the tokens the assistant wrote)
+             = beta * sum_t m_t [log pi_theta(y_t | y_<t) - log pi_ref(y_t | y_<t)]  (type "implicit")
     L        = mean_pairs[ -log sigmoid(r(x, y_w) - r(x, y_l) - m) ] + c * mean_pairs[ (r_w + r_l)^2 ]
+
+The implicit reward model has no head: the language model scores with its own token
+probabilities against the frozen base's (DPO's implicit reward; summed per turn it is a process
+reward, Yuan et al. 2024). It starts at r = 0 and learns from the same loss. Where the ranking
+hangs on whether a digit was copied right, the LM already knows where each digit should come from,
+while a head on one pooled position has to learn that from the pairs.
 
 m is an optional per-pair margin (use_margin), c the reward-centring coefficient (Eisenstein et
 al. 2023: pins the reward's free offset near 0). Eval: pairwise accuracy P(r_w > r_l) on held-out
@@ -14,7 +21,8 @@ with `solution_messages`, are generated: chosen = a correct tool-use solution, r
 episode corrupted (a wrong number copied into the call, a wrong final answer, no <answer> tag,
 or a malformed call) and replayed through the environment so its rule reward is lower.
 The checkpoint is always a full model in Hugging Face format (LoRA is merged before saving), so
-`RewardModelScorer(path)` loads it with one `from_pretrained`.
+`RewardModelScorer(path)` loads it with one `from_pretrained` (an implicit RM keeps its reference
+beside it, in `checkpoint/reference`).
 """
 from __future__ import annotations
 
@@ -25,12 +33,13 @@ import re
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from steprl.algos import bradley_terry_loss
+from steprl.algos.losses import token_logprobs
 from steprl.config import RewardConfig, RunConfig
 from steprl.envs.tool_env import ToolEnv
-from steprl.models.loading import load_policy, load_tokenizer, resolve, unwrap_peft
+from steprl.models.loading import apply_lora, load_policy, load_tokenizer, resolve, unwrap_peft
 from steprl.monitor import MetricsLogger
 from steprl.recipes.common import Timer, cosine_lr, mark_done, progress_bar, set_lr, setup_torch, stage_dir
 from steprl.recipes.evaluate import tool_setup
@@ -158,23 +167,59 @@ def reward_model_from(base: str):
     return model.float(), tokenizer
 
 
-def scores(model, seqs: list[list[int]], pad_id: int, masks: list[list[int]] | None = None) -> torch.Tensor:
-    """r for each token sequence, [N], right-padded batch. Without `masks` the head reads the last
-    real token; with them, r is the mean of the head's per-token scores where the mask is 1."""
+def padded(seqs: list[list[int]], pad_id: int, masks: list[list[int]] | None = None):
+    """Right-padded (ids, attention mask[, loss mask]) tensors, [N, T]."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id)
     attn = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
         ids[i, : len(s)], attn[i, : len(s)] = torch.tensor(s), 1
     if masks is None:
+        return ids, attn
+    m = torch.zeros((len(seqs), width))
+    for i, mask in enumerate(masks):
+        m[i, : len(mask)] = torch.tensor(mask[: width], dtype=m.dtype)
+    return ids, attn, m
+
+
+def scores(model, seqs: list[list[int]], pad_id: int, masks: list[list[int]] | None = None) -> torch.Tensor:
+    """r for each token sequence, [N], right-padded batch. Without `masks` the head reads the last
+    real token; with them, r is the mean of the head's per-token scores where the mask is 1."""
+    if masks is None:
+        ids, attn = padded(seqs, pad_id)
         return model(input_ids=ids, attention_mask=attn).logits[:, 0].float()
+    ids, attn, m = padded(seqs, pad_id, masks)
     inner = unwrap_peft(model)
     hidden = getattr(inner, inner.base_model_prefix)(input_ids=ids, attention_mask=attn).last_hidden_state
     per_token = inner.score(hidden)[..., 0].float()  # [N, T]
-    m = torch.zeros_like(per_token)
-    for i, mask in enumerate(masks):
-        m[i, : len(mask)] = torch.tensor(mask[: width], dtype=m.dtype)
     return (per_token * m).sum(-1) / m.sum(-1).clamp(min=1)
+
+
+def masked_logprob_sums(model, ids, attn, m) -> torch.Tensor:
+    """sum_t m_t log p(y_t | y_<t) per row, [N]. The LM head runs only where m_t = 1, so a
+    49k-token vocabulary costs [masked tokens, V], not [N, T, V]."""
+    inner = unwrap_peft(model)
+    hidden = getattr(inner, inner.base_model_prefix)(input_ids=ids, attention_mask=attn).last_hidden_state
+    where = m[:, 1:] > 0  # hidden state t predicts token t + 1
+    logits = inner.get_output_embeddings()(hidden[:, :-1][where]).float()  # [M, V]
+    logp = token_logprobs(logits, ids[:, 1:][where])
+    rows = where.nonzero()[:, 0]
+    return torch.zeros(ids.shape[0], dtype=logp.dtype).index_add(0, rows, logp)
+
+
+def implicit_scores(model, reference, seqs: list[list[int]], pad_id: int, masks: list[list[int]],
+                    beta: float) -> torch.Tensor:
+    """r = beta * sum_t m_t [log pi_theta(y_t | .) - log pi_ref(y_t | .)], [N]. `reference` None
+    means `model` is a PEFT model whose base (adapters disabled) is the reference."""
+    ids, attn, m = padded(seqs, pad_id, masks)
+    policy = masked_logprob_sums(model, ids, attn, m)
+    with torch.no_grad():
+        if reference is None:
+            with model.disable_adapter():
+                ref = masked_logprob_sums(model, ids, attn, m)
+        else:
+            ref = masked_logprob_sums(reference, ids, attn, m)
+    return beta * (policy - ref)
 
 
 def encode_pair(renderer, pair: dict, max_length: int) -> None:
@@ -184,22 +229,30 @@ def encode_pair(renderer, pair: dict, max_length: int) -> None:
         pair[f"{side}_ids"], pair[f"{side}_mask"] = ids[:max_length], mask[:max_length]
 
 
-def pair_scores(model, batch: list[dict], pad_id: int, pooling: str) -> torch.Tensor:
-    """Scores [2 x len(batch)]: every chosen side, then every rejected side."""
+def pair_scores(score, batch: list[dict]) -> torch.Tensor:
+    """Scores [2 x len(batch)]: every chosen side, then every rejected side. `score(seqs, masks)`
+    is the reward model as a function (see `score_fn`)."""
     seqs = [p["chosen_ids"] for p in batch] + [p["rejected_ids"] for p in batch]
     masks = [p["chosen_mask"] for p in batch] + [p["rejected_mask"] for p in batch]
-    return scores(model, seqs, pad_id, masks if pooling == "mean" else None)
+    return score(seqs, masks)
+
+
+def score_fn(model, pad_id: int, type: str = "classifier", pooling: str = "last", reference=None, beta: float = 1.0):
+    """The reward model as `f(seqs, masks) -> r [N]`, whichever its type."""
+    if type == "implicit":
+        return lambda seqs, masks: implicit_scores(model, reference, seqs, pad_id, masks, beta)
+    return lambda seqs, masks: scores(model, seqs, pad_id, masks if pooling == "mean" else None)
 
 
 @torch.no_grad()
-def pairwise_eval(model, pairs: list[dict], pad_id: int, batch_size: int, pooling: str = "last") -> dict:
+def pairwise_eval(model, score, pairs: list[dict], batch_size: int) -> dict:
     """eval/accuracy = P(r_w > r_l) on encoded pairs, eval/loss = the BT loss, accuracy per kind."""
     was_training = model.training
     model.eval()
     rc, rr = [], []
     for lo in range(0, len(pairs), batch_size):
         batch = pairs[lo:lo + batch_size]
-        s = pair_scores(model, batch, pad_id, pooling)
+        s = pair_scores(score, batch)
         rc.append(s[: len(batch)])
         rr.append(s[len(batch):])
     model.train(was_training)
@@ -229,7 +282,8 @@ def run(cfg: RunConfig) -> dict:
     setup_torch(cfg)
     c, out = cfg.rm, stage_dir(cfg, "rm")
     base = resolve(rm_base(cfg))
-    model, tokenizer = reward_model_from(base)
+    implicit = c.type == "implicit"
+    model, tokenizer = load_policy(base) if implicit else reward_model_from(base)
     task = get_task(cfg.task.name, **cfg.task.args)
     tools, renderer, suffix = tool_setup(task, tokenizer)
     if c.data:
@@ -247,23 +301,31 @@ def run(cfg: RunConfig) -> dict:
     for p in train + test:
         encode_pair(renderer, p, c.max_length)
 
-    if c.lora.enabled:
+    reference = None  # implicit under LoRA: the base with adapters disabled
+    if c.lora.enabled and implicit:
+        model = apply_lora(model, c.lora)
+    elif c.lora.enabled:
         from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
         model = get_peft_model(model, PeftLoraConfig(
             r=c.lora.r, lora_alpha=c.lora.alpha, lora_dropout=c.lora.dropout, task_type="SEQ_CLS",
             target_modules=list(c.lora.target_modules),
             modules_to_save=["score", *getattr(c.lora, "modules_to_save", [])]))
+    elif implicit:
+        reference = copy.deepcopy(model).requires_grad_(False)
+        model.requires_grad_(True)  # a base loaded from an adapter comes back frozen
     model.train()
+    pad_id = tokenizer.pad_token_id
+    score = score_fn(model, pad_id, c.type, c.pooling, reference, c.beta)
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=c.learning_rate, weight_decay=c.weight_decay)
     steps_per_epoch = (len(train) + c.batch_size - 1) // c.batch_size
     total = steps_per_epoch * c.epochs
     logger = MetricsLogger(out, "rm", report_to=cfg.report_to, live_doctor=cfg.doctor.enabled,
                            doctor_context={"learning_rate": c.learning_rate})
-    bar = progress_bar(total, f"rm ({'LoRA r=%d' % c.lora.r if c.lora.enabled else 'full'}, "
+    bar = progress_bar(total, f"rm ({c.type}, {'LoRA r=%d' % c.lora.r if c.lora.enabled else 'full'}, "
                               f"{len(train)} pairs, {len(test)} held out)")
-    pad_id, timer, rng, step = tokenizer.pad_token_id, Timer(), random.Random(cfg.seed), 0
+    timer, rng, step = Timer(), random.Random(cfg.seed), 0
     for epoch in range(c.epochs):
         order = list(range(len(train)))
         rng.shuffle(order)
@@ -271,7 +333,7 @@ def run(cfg: RunConfig) -> dict:
             lr = c.learning_rate * cosine_lr(step, total, c.warmup_steps)
             set_lr(optimizer, lr)
             batch = [train[i] for i in order[b * c.batch_size:(b + 1) * c.batch_size]]
-            s = pair_scores(model, batch, pad_id, c.pooling)
+            s = pair_scores(score, batch)
             r_w, r_l = s[: len(batch)], s[len(batch):]
             margin = torch.tensor([p["margin"] for p in batch]) if c.use_margin else None
             loss = bradley_terry_loss(r_w, r_l, margin) + c.center_rewards_coefficient * ((r_w + r_l) ** 2).mean()
@@ -291,7 +353,7 @@ def run(cfg: RunConfig) -> dict:
                            "learning_rate": lr, "grad_norm": float(grad_norm), "epoch": epoch + (b + 1) / steps_per_epoch,
                            "step_time": timer.seconds / step}
             if b + 1 == steps_per_epoch and test:
-                ev = pairwise_eval(model, test, pad_id, c.eval_batch_size, c.pooling)
+                ev = pairwise_eval(model, score, test, c.eval_batch_size)
                 metrics.update({"eval/accuracy": ev["accuracy"], "eval/loss": ev["loss"]})
             if metrics:
                 logger.log(metrics, step)
@@ -299,14 +361,17 @@ def run(cfg: RunConfig) -> dict:
                                                              if "eval/accuracy" in metrics else {}))
     bar.close()
     logger.close()
-    ev = pairwise_eval(model, test, pad_id, c.eval_batch_size, c.pooling) if test else {"accuracy": 0.0, "n": 0}
+    ev = pairwise_eval(model, score, test, c.eval_batch_size) if test else {"accuracy": 0.0, "n": 0}
     if c.lora.enabled:
         model = model.merge_and_unload()
     ckpt = out / "checkpoint"
     model.config.steprl_rm_pooling = c.pooling  # RewardModelScorer pools the same way
     model.save_pretrained(ckpt)
     tokenizer.save_pretrained(ckpt)
-    (ckpt / INFO_FILE).write_text(json.dumps({"task": cfg.task.name, "task_args": cfg.task.args}))
+    if implicit:  # the scorer needs pi_ref too: the base, as it was before training
+        (reference if reference is not None else load_policy(base)[0]).save_pretrained(ckpt / "reference")
+    (ckpt / INFO_FILE).write_text(json.dumps({"task": cfg.task.name, "task_args": cfg.task.args,
+                                              "type": c.type, "beta": c.beta}))
     (out / "eval.json").write_text(json.dumps({**ev, "metric": "pairwise_accuracy"}))
     info = {"checkpoint": str(ckpt), "base": base, "pairs": len(train), "steps": total, "eval": ev}
     mark_done(out, info)
@@ -318,23 +383,30 @@ class RewardModelScorer:
 
     Scores whole conversations: each trajectory's messages when `trajectories` is passed (tool
     calls and results included), else prompt + completion (text or messages). Conversations are
-    rendered with the chat template (and tool schemas) of the task the RM was trained on.
+    rendered with the chat template (and tool schemas) of the task the RM was trained on. Either
+    type: a classifier head, or an implicit RM (the LM against `checkpoint/reference`).
     """
 
     def __init__(self, path: str, batch_size: int = 32, max_length: int = 1024):
         path = resolve(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
-        self.tokenizer = load_tokenizer(path)
         info = Path(path) / INFO_FILE
-        if info.is_file():
-            meta = json.loads(info.read_text())
+        meta = json.loads(info.read_text()) if info.is_file() else {}
+        self.tokenizer = load_tokenizer(path)
+        if meta.get("type") == "implicit":
+            load = lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()  # noqa: E731
+            self.model, reference = load(path), load(Path(path) / "reference")
+        else:
+            self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+            reference = None
+        if meta:
             _, self.renderer, _ = tool_setup(get_task(meta["task"], **meta["task_args"]), self.tokenizer)
         else:
             from steprl.rollout.episodes import ChatRenderer
 
             self.renderer = ChatRenderer(self.tokenizer)
         self.batch_size, self.max_length = batch_size, max_length
-        self.pooling = getattr(self.model.config, "steprl_rm_pooling", "last")
+        self.score = score_fn(self.model, self.tokenizer.pad_token_id, meta.get("type", "classifier"),
+                              getattr(self.model.config, "steprl_rm_pooling", "last"), reference, meta.get("beta", 1.0))
         self.__name__ = "reward_model"
 
     @torch.no_grad()
@@ -345,9 +417,8 @@ class RewardModelScorer:
             conversations = [as_messages(p, c) for p, c in zip(prompts, completions)]
         encoded = [self.renderer.conversation_ids(m) for m in conversations]
         seqs = [ids[: self.max_length] for ids, _ in encoded]
-        masks = [mask[: self.max_length] for _, mask in encoded] if self.pooling == "mean" else None
+        masks = [mask[: self.max_length] for _, mask in encoded]
         out = []
         for lo in range(0, len(seqs), self.batch_size):
-            part = masks[lo:lo + self.batch_size] if masks else None
-            out += scores(self.model, seqs[lo:lo + self.batch_size], self.tokenizer.pad_token_id, part).tolist()
+            out += self.score(seqs[lo:lo + self.batch_size], masks[lo:lo + self.batch_size]).tolist()
         return out

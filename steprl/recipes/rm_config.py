@@ -29,6 +29,13 @@ class RMConfig:
     # r from the last token's score ("last", as TRL) or the mean score over the tokens the assistant
     # wrote ("mean": each token can flag what it got wrong, e.g. a digit that does not match the tool result)
     pooling: Literal["last", "mean"] = "last"
+    # "classifier": the scalar head above. "implicit": no head, the LM itself scores (DPO's implicit
+    # reward, Rafailov et al. 2023; as a process reward, Yuan et al. 2024):
+    #     r(x, y) = beta * sum_{t in assistant tokens} [log pi_theta(y_t | .) - log pi_ref(y_t | .)]
+    # pi_theta starts as the base and is trained with the same Bradley-Terry loss; pi_ref is the base
+    # (under LoRA: adapters disabled). pooling does not apply.
+    type: Literal["classifier", "implicit"] = "classifier"
+    beta: float = 0.05  # implicit only: the scale of the log-ratio
     init_from: str | None = None  # default: the last policy stage before rm (else model.name_or_path)
     log_every: int = 5
     eval_batch_size: int = 64
