@@ -179,12 +179,12 @@ def test_implicit_scores_by_hand(tiny, use_lora):
     seqs = [[5, 9, 12, 7, 30, 31], [5, 9, 40], [8, 8, 8, 8]]
     masks = [[0, 0, 1, 1, 0, 1], [0, 1, 1], [0, 0, 0, 1]]
     with torch.no_grad():
-        got = rm.implicit_scores(policy, reference, seqs, 0, masks, beta=0.3)
+        got = rm.implicit_scores(policy, reference, seqs, masks, beta=0.3)
         for seq, mask, r in zip(seqs, masks, got):
             want = 0.3 * (logprob_sum_by_hand(policy, seq, mask) - logprob_sum_by_hand(base, seq, mask))
             assert abs(float(r) - want) < 1e-5, (float(r), want)
             assert abs(want) > 1e-3  # the policy differs from its reference where it is scored
-    same = rm.implicit_scores(base, copy.deepcopy(base), seqs, 0, masks, beta=0.3)
+    same = rm.implicit_scores(base, copy.deepcopy(base), seqs, masks, beta=0.3)
     assert same.abs().max() < 1e-6  # pi = pi_ref: r = 0
 
 

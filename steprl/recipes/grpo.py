@@ -34,6 +34,7 @@ from steprl.recipes.common import (Timer, cosine_lr, mark_done, progress_bar, sa
 from steprl.recipes.evaluate import make_envs, tool_setup
 from steprl.recipes.policy import setup_policy
 from steprl.rewards import add_final_rewards, resolve_rewards
+from steprl.rollout.decoder import LlamaDecoder
 from steprl.rollout.episodes import Trajectory, run_episodes
 from steprl.rollout.sampling import SamplingParams, common_prefix, left_pad
 from steprl.tasks import get_task
@@ -331,6 +332,7 @@ def grpo_step(model, ref_model, tokenizer, optimizer, params, task, tools, rende
                               top_p=g.top_p, top_k=g.top_k)
     model.eval()
     trajs = run_episodes(model, tokenizer, envs, episodes, sampling, renderer, generator)
+    LlamaDecoder.forget(model)  # its weight copies go stale at the next update: free them for the passes
     rollout_seconds = timer.seconds
 
     # 2-3. rewards -> per-token advantages; the sampling log-probs are the old log-probs (no forward

@@ -57,6 +57,7 @@ from steprl.recipes.grpo import (accumulation_scale, clipped_tokens, completion_
                                  tool_setup)
 from steprl.recipes.policy import setup_policy
 from steprl.rewards import add_final_rewards, resolve_rewards
+from steprl.rollout.decoder import LlamaDecoder
 from steprl.rollout.sampling import SamplingParams, left_pad
 from steprl.tasks import get_task
 
@@ -287,6 +288,7 @@ def ppo_step(model, value_model, ref_model, use_ref: bool, tokenizer, optimizer,
     model.eval()
     value_model.eval()
     trajs = run_episodes(model, tokenizer, envs, episodes, sampling, renderer, generator)
+    LlamaDecoder.forget(model)  # its weight copies go stale at the next update: free them for the passes
     rollout_seconds = timer.seconds
 
     # 2. scores: extra rewards, reference log-probs, old values

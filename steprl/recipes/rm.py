@@ -36,16 +36,17 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from steprl.algos import bradley_terry_loss
-from steprl.algos.losses import token_logprobs
 from steprl.config import RewardConfig, RunConfig
 from steprl.envs.tool_env import ToolEnv
 from steprl.models.loading import apply_lora, load_policy, load_tokenizer, resolve, unwrap_peft
 from steprl.monitor import MetricsLogger
 from steprl.recipes.common import Timer, cosine_lr, mark_done, progress_bar, set_lr, setup_torch, stage_dir
 from steprl.recipes.evaluate import tool_setup
+from steprl.recipes.grpo import completion_logprobs, right_aligned
 from steprl.recipes.rm_config import CORRUPTIONS
 from steprl.recipes.sft import previous_checkpoint
 from steprl.tasks import get_task
+from steprl.rollout.episodes import Trajectory
 from steprl.tools import execute_tool_call, parse_tool_calls
 
 INFO_FILE = "steprl_rm.json"  # beside the checkpoint: which task's chat rendering to score with
@@ -195,30 +196,35 @@ def scores(model, seqs: list[list[int]], pad_id: int, masks: list[list[int]] | N
     return (per_token * m).sum(-1) / m.sum(-1).clamp(min=1)
 
 
-def masked_logprob_sums(model, ids, attn, m) -> torch.Tensor:
-    """sum_t m_t log p(y_t | y_<t) per row, [N]. The LM head runs only where m_t = 1, so a
-    49k-token vocabulary costs [masked tokens, V], not [N, T, V]."""
-    inner = unwrap_peft(model)
-    hidden = getattr(inner, inner.base_model_prefix)(input_ids=ids, attention_mask=attn).last_hidden_state
-    where = m[:, 1:] > 0  # hidden state t predicts token t + 1
-    logits = inner.get_output_embeddings()(hidden[:, :-1][where]).float()  # [M, V]
-    logp = token_logprobs(logits, ids[:, 1:][where])
-    rows = where.nonzero()[:, 0]
-    return torch.zeros(ids.shape[0], dtype=logp.dtype).index_add(0, rows, logp)
+def as_trajectories(seqs: list[list[int]], masks: list[list[int]]) -> list[Trajectory]:
+    """Each conversation cut where the assistant first writes: the prompt before, the rest after,
+    which is the form `grpo.completion_logprobs` takes (it computes a prompt shared by several
+    conversations once, and the beginning common to all, such as the system prompt, once)."""
+    out = []
+    for ids, mask in zip(seqs, masks):
+        k = next((i for i, m in enumerate(mask) if m), len(ids) - 1)
+        k = min(max(k, 1), len(ids) - 1)  # the first token has nothing to be predicted from
+        out.append(Trajectory(problem=None, prompt_ids=ids[:k], ids=ids[k:], mask=list(mask[k:len(ids)])))
+    return out
 
 
-def implicit_scores(model, reference, seqs: list[list[int]], pad_id: int, masks: list[list[int]],
-                    beta: float) -> torch.Tensor:
+def masked_logprob_sums(model, seqs: list[list[int]], masks: list[list[int]]) -> torch.Tensor:
+    """sum_t m_t log p(y_t | y_<t) per sequence, [N]."""
+    trajs = as_trajectories(seqs, masks)
+    logp, _ = completion_logprobs(model, trajs)
+    return (logp * right_aligned([t.mask for t in trajs], logp.shape[1])).sum(-1)
+
+
+def implicit_scores(model, reference, seqs: list[list[int]], masks: list[list[int]], beta: float) -> torch.Tensor:
     """r = beta * sum_t m_t [log pi_theta(y_t | .) - log pi_ref(y_t | .)], [N]. `reference` None
     means `model` is a PEFT model whose base (adapters disabled) is the reference."""
-    ids, attn, m = padded(seqs, pad_id, masks)
-    policy = masked_logprob_sums(model, ids, attn, m)
+    policy = masked_logprob_sums(model, seqs, masks)
     with torch.no_grad():
         if reference is None:
             with model.disable_adapter():
-                ref = masked_logprob_sums(model, ids, attn, m)
+                ref = masked_logprob_sums(model, seqs, masks)
         else:
-            ref = masked_logprob_sums(reference, ids, attn, m)
+            ref = masked_logprob_sums(reference, seqs, masks)
     return beta * (policy - ref)
 
 
@@ -240,7 +246,7 @@ def pair_scores(score, batch: list[dict]) -> torch.Tensor:
 def score_fn(model, pad_id: int, type: str = "classifier", pooling: str = "last", reference=None, beta: float = 1.0):
     """The reward model as `f(seqs, masks) -> r [N]`, whichever its type."""
     if type == "implicit":
-        return lambda seqs, masks: implicit_scores(model, reference, seqs, pad_id, masks, beta)
+        return lambda seqs, masks: implicit_scores(model, reference, seqs, masks, beta)
     return lambda seqs, masks: scores(model, seqs, pad_id, masks if pooling == "mean" else None)
 
 

@@ -115,6 +115,7 @@ class LlamaDecoder:
         cached = getattr(model, "_steprl_decoder", None)
         if cached is not None and cached[0] == version:
             return cached[1]
+        cls.forget(model)  # free the stale copy first: old and new together would double its memory
         decoder = cls(model)
         object.__setattr__(model, "_steprl_decoder", (version, decoder))
         return decoder
