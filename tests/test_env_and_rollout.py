@@ -126,3 +126,78 @@ def test_logprobs_at_sampling_temperature_match(tiny):
         for f, old, m in zip(logp[i, width - len(t.ids):].tolist(), t.logps, t.mask):
             if m:
                 assert abs(f - old) < 1e-4
+
+
+class ScriptedEnv:
+    """An environment that ends after `turns` turns whatever the model writes, answering each
+    turn with a tool message, so that a random model plays real multi-turn episodes."""
+
+    def __init__(self, turns: int):
+        self.turns, self.correct, self.answer, self.n_calls, self.n_failures = turns, False, None, 0, 0
+
+    def reset(self, problem):
+        self.k = 0
+        return [{"role": "system", "content": "Use the tools."}, {"role": "user", "content": problem.question}]
+
+    def step(self, text):
+        from steprl.envs.tool_env import StepResult
+
+        self.k += 1
+        if self.k >= self.turns:
+            return StepResult([], 1.0, True)
+        return StepResult([{"role": "tool", "content": f"{self.k * 37} after {len(text)} characters"}], 0.1, False)
+
+
+def turn_by_turn(model, tok, problems, turns, params):
+    """The reference: one `generate` per turn over each episode's whole context so far (prefilled
+    again every turn), the rollout as it ran before turns shared the batch."""
+    renderer = ChatRenderer(tok)
+    params = SamplingParams(**{**params.__dict__, "stop_strings": ("</tool_call>", "</answer>")})
+    envs = [ScriptedEnv(k) for k in turns]
+    prompts = [renderer.prompt_ids(env.reset(p)) for env, p in zip(envs, problems)]
+    ids, masks, logps = [[] for _ in problems], [[] for _ in problems], [[] for _ in problems]
+    active = list(range(len(problems)))
+    while active:
+        out, lps, finish = generate(model, tok, [prompts[i] + ids[i] for i in active], params)
+        still = []
+        for i, toks, lp, how in zip(active, out, lps, finish):
+            ids[i] += toks
+            masks[i] += [1] * len(toks)
+            logps[i] += lp
+            result = envs[i].step(tok.decode(toks, skip_special_tokens=True))
+            if not result.done:
+                obs = renderer.observation_ids(result.observation, how == "eos")
+                ids[i] += obs
+                masks[i] += [0] * len(obs)
+                logps[i] += [0.0] * len(obs)
+                still.append(i)
+        active = still
+    return ids, masks, logps
+
+
+def test_multi_turn_rows_share_one_batch_and_match_turn_by_turn(tiny):
+    """Episodes of 1, 2 and 3 turns decode in one batch, each row fed its tool result where its
+    turn ends: greedy token for token what one `generate` per turn over the whole context gives
+    (the context outgrows the first turn's KV cache, which must grow), and sampled log-probs equal
+    a fresh forward's."""
+    model, tok, task = tiny
+    problems = task.problems("train", 6)
+    turns = [1, 3, 2, 3, 1, 2]
+    params = SamplingParams(max_new_tokens=10, temperature=0.0)
+    trajs = run_episodes(model, tok, [ScriptedEnv(k) for k in turns], problems, params)
+    ids, masks, logps = turn_by_turn(model, tok, problems, turns, params)
+    assert [t.n_turns for t in trajs] == turns
+    for t, i, m, lp in zip(trajs, ids, masks, logps):
+        assert t.ids == i and t.mask == m
+        assert max(abs(a - b) for a, b in zip(t.logps, lp)) < 1e-4
+        assert t.turn_index.count(-1) == m.count(0)  # observations belong to no turn
+        assert sorted({k for k in t.turn_index if k >= 0}) == list(range(t.n_turns))
+    assert max(len(t.ids) for t in trajs) > 2 * params.max_new_tokens  # later turns really ran
+    sampled = run_episodes(model, tok, [ScriptedEnv(k) for k in turns], problems,
+                           SamplingParams(max_new_tokens=10, temperature=1.0), generator=torch.Generator().manual_seed(3))
+    logp, _ = completion_logprobs(model, sampled)
+    width = logp.shape[1]
+    for i, t in enumerate(sampled):
+        for f, old, m in zip(logp[i, width - len(t.ids):].tolist(), t.logps, t.mask):
+            if m:
+                assert abs(f - old) < 1e-4

@@ -1,4 +1,4 @@
-"""Multi-turn rollouts: many episodes advance together, one batched `generate` per turn.
+"""Multi-turn rollouts: many episodes advance together in one batched `generate`, each at its own turn.
 
 Each trajectory is one flat token sequence after the prompt. Tokens the model sampled are kept
 exactly as sampled (trained, mask 1, with their log-probs); the turn's closing tokens, the tool
@@ -103,7 +103,9 @@ class ChatRenderer:
 def run_episodes(model, tokenizer, envs: list[ToolEnv], problems: list[Problem],
                  params: SamplingParams, renderer: ChatRenderer | None = None,
                  generator=None, max_context: int | None = None) -> list[Trajectory]:
-    """Play one episode per (env, problem), all turns batched across episodes."""
+    """Play one episode per (env, problem), all in one batched `generate`: when an episode's turn
+    ends, its environment steps right away and the observation tokens are fed into the same row
+    (continuous batching across turns; nothing is prefilled twice)."""
     renderer = renderer or ChatRenderer(tokenizer)
     params = SamplingParams(**{**params.__dict__, "stop_strings": STOP_STRINGS})
     stop = StopChecker(tokenizer, params.stop_strings)
@@ -111,29 +113,28 @@ def run_episodes(model, tokenizer, envs: list[ToolEnv], problems: list[Problem],
     for env, problem in zip(envs, problems):
         messages = env.reset(problem)
         trajs.append(Trajectory(problem, renderer.prompt_ids(messages), messages=list(messages)))
-    turn = 0
-    while True:
-        active = [i for i, t in enumerate(trajs) if not t.done]
-        if not active:
-            break
-        contexts = [trajs[i].prompt_ids + trajs[i].ids for i in active]
-        tokens, logps, finish = generate(model, tokenizer, contexts, params, stop, generator)
-        for i, toks, lps, how in zip(active, tokens, logps, finish):
-            traj, env = trajs[i], envs[i]
-            traj.extend(toks, 1, lps, turn)
-            text = tokenizer.decode(toks, skip_special_tokens=True)
-            traj.turn_texts.append(text)
-            traj.messages.append({"role": "assistant", "content": text})
-            traj.truncated |= how == "length"
-            result = env.step(text)
-            traj.turn_rewards.append(result.reward)
-            too_long = max_context is not None and len(traj.prompt_ids) + len(traj.ids) >= max_context
-            if result.done or too_long:
-                traj.done = True
-                traj.correct, traj.answered = env.correct, env.answer is not None
-                traj.n_tool_calls, traj.n_tool_failures = env.n_calls, env.n_failures
-                continue
-            traj.messages += result.observation
-            traj.extend(renderer.observation_ids(result.observation, how == "eos"), 0, None, turn)
-        turn += 1
+
+    def turn_end(i: int, tokens: list[int], logps: list[float], how: str) -> list[int] | None:
+        """The environment's step after episode i's turn: the tokens to feed next, or None when it ends."""
+        traj, env = trajs[i], envs[i]
+        turn = traj.n_turns
+        traj.extend(tokens, 1, logps, turn)
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        traj.turn_texts.append(text)
+        traj.messages.append({"role": "assistant", "content": text})
+        traj.truncated |= how == "length"
+        result = env.step(text)
+        traj.turn_rewards.append(result.reward)
+        too_long = max_context is not None and len(traj.prompt_ids) + len(traj.ids) >= max_context
+        if result.done or too_long:
+            traj.done = True
+            traj.correct, traj.answered = env.correct, env.answer is not None
+            traj.n_tool_calls, traj.n_tool_failures = env.n_calls, env.n_failures
+            return None
+        traj.messages += result.observation
+        observation = renderer.observation_ids(result.observation, how == "eos")
+        traj.extend(observation, 0, None, turn)
+        return observation
+
+    generate(model, tokenizer, [t.prompt_ids for t in trajs], params, stop, generator, on_turn_end=turn_end)
     return trajs

@@ -134,8 +134,12 @@ class SlotLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
-        if end > self.capacity:
-            raise ValueError(f"KV cache full: {end} > capacity {self.capacity}")
+        if end > self.capacity:  # multi-turn rows outgrow the first turn's room: copy once into more
+            self.capacity = max(end, self.capacity + self.capacity // 2)
+            grown = [buf.new_empty(*buf.shape[:2], self.capacity, buf.shape[-1]) for buf in (self.key_buf, self.value_buf)]
+            for old, buf in zip((self.key_buf, self.value_buf), grown):
+                buf[:, :, :self.length] = old[:, :, :self.length]
+            self.key_buf, self.value_buf = grown
         self.key_buf[:, :, self.length:end] = key_states
         self.value_buf[:, :, self.length:end] = value_states
         self.length = end
@@ -241,9 +245,19 @@ def prefill(model, prompts: list[list[int]], pad_id: int, max_new: int):
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[list[int]], params: SamplingParams,
-             stop: StopChecker | None = None, generator=None):
+             stop: StopChecker | None = None, generator=None, on_turn_end=None):
     """Sample a continuation for every prompt. Returns (tokens, logps, finish) per row, where
-    finish is "eos", "stop" (a stop string) or "length"."""
+    finish is "eos", "stop" (a stop string) or "length" (`max_new_tokens`).
+
+    Multi-turn episodes: with `on_turn_end(row, tokens, logps, finish) -> list[int] | None`, a
+    row lives for several turns. When a turn ends, the callback gets that turn's sampled tokens
+    and returns either None (the row is done) or the tokens to feed before the row samples again
+    (the turn's closing, a tool's result, the next assistant header). Those are fed one per decode
+    step, like sampled tokens but not sampled. The row keeps its place in the batch and its KV
+    cache, so later turns are never prefilled again, and rows in different turns decode together
+    (an episode waiting on its tool result costs a row of a decode step, not a new batch). Each
+    turn gets its own `max_new_tokens`. Returns None in this mode: the callback has had everything.
+    """
     stop = stop or StopChecker(tokenizer, params.stop_strings)
     n, max_new = len(prompts), params.max_new_tokens
     cache, logits, prompt_mask, positions = prefill(model, prompts, tokenizer.pad_token_id, max_new)
@@ -254,40 +268,53 @@ def generate(model, tokenizer, prompts: list[list[int]], params: SamplingParams,
     next_pos = positions[:, -1] + 1
     decoder = LlamaDecoder.for_model(model) if all(isinstance(x, SlotLayer) for x in cache.layers) else None
 
-    eos = torch.tensor(sorted(stop.eos_ids), dtype=torch.long) if hasattr(stop, "eos_ids") else None
-    may_stop = getattr(stop, "may_stop", None)
-    out_tokens = torch.zeros(n, max_new, dtype=torch.long)
-    out_logps = torch.zeros(n, max_new)
-    lengths, finish = [max_new] * n, ["length"] * n
+    eos_ids = getattr(stop, "eos_ids", None)
+    is_eos = (lambda x: x in eos_ids) if eos_ids is not None else stop.is_eos  # duck-typed checkers
+    may_stop = getattr(stop, "may_stop", None) if stop.stop_strings else None
+    turn_tokens, turn_logps = [[] for _ in range(n)], [[] for _ in range(n)]
+    to_feed = [[] for _ in range(n)]  # tokens a row reads before it samples again
+    results = [None] * n
     rows = torch.arange(n)  # original index of each row still in the batch
-    alive = torch.ones(n, dtype=torch.bool)
-    for t in range(max_new):
+    alive = [True] * n  # per batch position
+    t = 0  # columns after the prompt, the same for every row
+    while True:
         new, new_logp = sample_next(logits, params, generator)
-        out_tokens[rows, t], out_logps[rows, t] = new, new_logp
-        if eos is not None:
-            ended = torch.isin(new, eos) & alive
-        else:  # a duck-typed stop checker without eos_ids
-            ended = torch.tensor([stop.is_eos(x) for x in new.tolist()]) & alive
-        for i in ended.nonzero().flatten().tolist():
-            r = int(rows[i])
-            finish[r], lengths[r] = "eos", t + 1
-        if stop.stop_strings:
-            maybe = alive & ~ended
-            if may_stop is not None:
-                maybe &= may_stop[new.clamp(max=len(may_stop) - 1)]
-            for i in maybe.nonzero().flatten().tolist():
-                r = int(rows[i])
-                if stop.hits_stop_string(out_tokens[r, :t + 1].tolist()):
-                    finish[r], lengths[r] = "stop", t + 1
-                    ended[i] = True
-        alive &= ~ended
-        n_alive = int(alive.sum())
-        if n_alive == 0 or t == max_new - 1:
+        tokens, logps = new.tolist(), new_logp.tolist()
+        stoppable = may_stop[new.clamp(max=len(may_stop) - 1)].tolist() if may_stop is not None else None
+        ended = []
+        for i, r in enumerate(rows.tolist()):
+            if not alive[i]:
+                continue
+            if to_feed[r]:
+                tokens[i] = to_feed[r].pop(0)
+                continue
+            turn_tokens[r].append(tokens[i])
+            turn_logps[r].append(logps[i])
+            if is_eos(tokens[i]):
+                ended.append((i, r, "eos"))
+            elif stop.stop_strings and (stoppable is None or stoppable[i]) and stop.hits_stop_string(turn_tokens[r]):
+                ended.append((i, r, "stop"))
+            elif len(turn_tokens[r]) >= max_new:
+                ended.append((i, r, "length"))
+        for i, r, how in ended:
+            done = (turn_tokens[r], turn_logps[r], how)
+            turn_tokens[r], turn_logps[r] = [], []
+            feed = on_turn_end(r, *done) if on_turn_end is not None else None
+            if feed is None:
+                results[r], alive[i] = done, False
+            else:
+                to_feed[r] = list(feed)
+        n_alive = sum(alive)
+        if n_alive == 0:
             break
+        new = torch.tensor(tokens, dtype=torch.long)
         if n_alive <= 0.75 * len(alive):  # compact: finished rows leave the batch
-            keep = alive.nonzero().flatten()
+            keep = torch.tensor([i for i, a in enumerate(alive) if a])
             cache.batch_select_indices(keep)
-            rows, mask, next_pos, new, alive = rows[keep], mask[keep], next_pos[keep], new[keep], alive[keep]
+            rows, mask, next_pos, new = rows[keep], mask[keep], next_pos[keep], new[keep]
+            alive = [True] * len(keep)
+        if width + t + 1 > mask.shape[1]:  # a later turn: room for another max_new columns
+            mask = torch.cat([mask, torch.ones(mask.shape[0], max_new, dtype=mask.dtype)], dim=1)
         if decoder is not None:
             logits = decoder.step(new, next_pos, cache, mask[:, :width + t + 1])
         else:
@@ -295,6 +322,7 @@ def generate(model, tokenizer, prompts: list[list[int]], params: SamplingParams,
                         position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
             logits = out.logits[:, -1]
         next_pos = next_pos + 1
-    tokens = [out_tokens[i, :k].tolist() for i, k in enumerate(lengths)]
-    logps = [out_logps[i, :k].tolist() for i, k in enumerate(lengths)]
-    return tokens, logps, finish
+        t += 1
+    if on_turn_end is not None:
+        return None
+    return [r[0] for r in results], [r[1] for r in results], [r[2] for r in results]
