@@ -12,6 +12,9 @@ What makes it faster than a plain loop (every trick keeps the computation exact)
   `torch.cat`-ing the whole cache, and the attention mask is one preallocated tensor we slice;
 * finished rows leave the batch: once a quarter of the rows are done, the cache, mask and
   positions are compacted to the live rows, so late steps cost what the live rows cost;
+* multi-turn episodes stay in the batch (`on_turn_end`): a row whose turn ends gets its tool
+  result fed into its own cache, one token per step, while the other rows decode, and is
+  never prefilled again;
 * decode steps of Llama-family models run through `decoder.LlamaDecoder` (LoRA merged, large
   weights in oneDNN's layout, grouped-query attention without copying keys); others through HF;
 * sampling draws one uniform number per row against the cumulative distribution
