@@ -276,6 +276,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     bad = [c for c in r.corruptions if c not in CORRUPTIONS]
     if bad or not r.corruptions:
         raise ConfigError(f"rm.corruptions: unknown or empty {bad or r.corruptions} (allowed: {', '.join(CORRUPTIONS)})")
+    if r.type == "implicit" and r.pooling != "last":
+        raise ConfigError("rm.pooling: applies to rm.type classifier only (an implicit RM sums log-ratios over the assistant's tokens)")
+    if r.type == "implicit" and not r.beta > 0:
+        raise ConfigError(f"rm.beta: must be > 0, got {r.beta}")
     for key, value in {"ppo.gamma": p.gamma, "ppo.gae_lambda": p.gae_lambda}.items():
         if not 0 <= value <= 1:
             raise ConfigError(f"{key}: must be in [0, 1], got {value}")

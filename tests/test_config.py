@@ -33,10 +33,13 @@ def test_int_accepted_for_float():
     ("sft.lora=3", "sft.lora: expected a mapping"),
     ("grpo.learning_rate=-1", "grpo.learning_rate: must be > 0"),
     ("noequals", "expected key=value"),
+    ("rm.type=critic", "rm.type: 'critic' is not allowed (allowed: 'classifier', 'implicit')"),
+    (["rm.type=implicit", "rm.pooling=mean"], "rm.pooling: applies to rm.type classifier only"),
+    (["rm.type=implicit", "rm.beta=0"], "rm.beta: must be > 0"),
 ])
 def test_bad_configs_give_one_line(override, message):
     with pytest.raises(ConfigError) as err:
-        load_config(None, [override])
+        load_config(None, override if isinstance(override, list) else [override])
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 
