@@ -191,3 +191,27 @@ def test_grpo_step_forward_passes(tiny, monkeypatch, kl_coef):
     assert len(trajs) == 4 and "loss" in metrics
     assert calls["reference_logprobs"] == (1 if kl_coef > 0 else 0)
     assert calls["completion_logprobs"] == 2 + (2 if kl_coef > 0 else 0)  # 2 training micro-batches (+ 2 reference)
+
+
+def test_an_adapter_checkpoint_loads_merged_and_trainable(tiny, tmp_path):
+    """A LoRA stage saves an adapter; the next stage loads it merged into its base. That model must
+    equal the adapter's forward and train like a full checkpoint (PEFT leaves the base frozen), or
+    full fine-tuning after LoRA SFT would have no parameters to optimise."""
+    from steprl.models.loading import apply_lora, load_policy, save_checkpoint
+
+    model, tok, _ = tiny
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    save_checkpoint(model, tok, base_dir)
+    peft_model = apply_lora(copy.deepcopy(model), LoraConfig(enabled=True, r=4, alpha=8))
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)
+    save_checkpoint(peft_model, tok, adapter_dir, base_path=str(base_dir))
+    plain, _ = load_policy(str(base_dir))
+    merged, _ = load_policy(str(adapter_dir))
+    assert all(p.requires_grad for p in plain.parameters())
+    assert all(p.requires_grad for p in merged.parameters())
+    ids = torch.tensor([[5, 9, 12, 7, 30]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, peft_model.eval()(ids).logits, atol=1e-5)
+        assert not torch.allclose(merged(ids).logits, plain(ids).logits, atol=1e-3)

@@ -45,7 +45,8 @@ def load_policy(name_or_path: str):
 
         base_path = json.loads(adapter_cfg.read_text())["base_model_name_or_path"]
         base, _ = load_policy(base_path)
-        model = PeftModel.from_pretrained(base, path).merge_and_unload()
+        # PEFT froze the base; merged, it is a plain model again, trainable like a full checkpoint
+        model = PeftModel.from_pretrained(base, path).merge_and_unload().requires_grad_(True)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.eval()

@@ -319,7 +319,6 @@ def run(cfg: RunConfig) -> dict:
             modules_to_save=["score", *getattr(c.lora, "modules_to_save", [])]))
     elif implicit:
         reference = copy.deepcopy(model).requires_grad_(False)
-        model.requires_grad_(True)  # a base loaded from an adapter comes back frozen
     model.train()
     pad_id = tokenizer.pad_token_id
     score = score_fn(model, pad_id, c.type, c.pooling, reference, c.beta)
