@@ -63,3 +63,24 @@ def test_quoted_corpus_quotes_the_expression_and_changes_nothing_else():
     assert [p.question for p in CalcTask(quoted=True).problems("test")] == [p.question for p in CalcTask().problems("test")]
     with pytest.raises(ValueError, match="quoted must be true or false"):
         CalcTask(quoted="yes")
+
+
+def test_a_calls_first_number_follows_a_token_that_precedes_numbers_in_pretraining(tiny):
+    """The pretrained model copies the question's first number after ' (' / ' ((' / ' ' (prose:
+    "We compute ((12 + 5) ..."). A call must put that number after one of those tokens, not after a
+    quote merged with a parenthesis (' "(' never precedes a number in pretraining: the copy fails)."""
+    _, tok, task = tiny
+
+    def token_before_first_digit(text):
+        pieces = [tok.decode([i]) for i in tok(text)["input_ids"]]
+        return pieces[next(k for k, p in enumerate(pieces) if p.isdigit()) - 1]
+
+    corpus = " ".join(d for d in task.pretrain_corpus(400) if isinstance(d, str))
+    for p in task.problems("train", 30):
+        call = task.solution_messages(p)[2]["content"]
+        call_args = call.split('"expression":', 1)[1]
+        before = token_before_first_digit(call_args)
+        assert before == token_before_first_digit(f"We compute {p.meta['expression']}")
+        assert before.strip() == "(" * (p.meta["n_ops"] - 1)
+        assert before + p.meta["expression"].lstrip("(")[:1] in corpus  # seen before a digit in pretraining
+        assert calculator(call_args.split('"')[1]) == p.answer  # the calculator strips the space

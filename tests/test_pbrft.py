@@ -135,7 +135,7 @@ def test_per_op_calls_chain_the_intermediate_results():
     calls = [m["content"] for m in conv if m["role"] == "assistant"][:-1]
     assert str(p.meta["start"]) in calls[0] and results[-1] == p.answer
     for prev, nxt in zip(results, calls[1:]):
-        assert f'"{prev} ' in nxt  # each call starts from the previous result
+        assert f'" {prev} ' in nxt  # each call starts from the previous result (after a space)
 
 
 def test_per_op_pretrain_corpus_works_in_steps():

@@ -6,6 +6,12 @@ is copying digits, which small attention models learn sooner than copying rare m
 (measured: 3-digit chunks copied worse at equal tokens, see docs/experiments.md). It is byte-level,
 so any text round-trips. Its ChatML template knows the system,
 user, assistant and tool roles.
+
+The template writes a tool message's content after a space (`<|im_start|>tool\n 17`): the model
+copies the result into its answer, and in the pretraining prose every number it learned to copy
+from follows ' ' ("... = 17. The answer is 17."); after '\n' it never does. One fresh pipeline
+without the space copied every call right and most results wrong (SFT 0.16; docs/experiments.md,
+"Sixth session"). The calc task's calls get the same treatment (`tasks.calc.tool_call_text`).
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + (' ' if message['role'] == 'tool' else '') + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
@@ -63,4 +69,5 @@ def tiny_llama(tokenizer, hidden_size: int = 256, num_layers: int = 4, num_heads
 
 def render_chatml(messages: list[dict]) -> str:
     """The same text CHATML_TEMPLATE renders; used to train the tokenizer before it exists."""
-    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return "".join(f"<|im_start|>{m['role']}\n{' ' if m['role'] == 'tool' else ''}{m['content']}<|im_end|>\n"
+                   for m in messages)

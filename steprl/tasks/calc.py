@@ -8,7 +8,7 @@ A solved episode looks like (ChatML):
 
     user:      Mia has 12 shells. She finds 5 more. Then she splits them into 3 equal groups
                and keeps one group. How many shells does Mia have now?
-    assistant: <tool_call>{"name": "calculator", "arguments": {"expression": "(12 + 5) / 3"}}</tool_call>
+    assistant: <tool_call>{"name": "calculator", "arguments": {"expression": " (12 + 5) / 3"}}</tool_call>
     tool:      ...
     assistant: <answer>...</answer>
 
@@ -106,6 +106,19 @@ def chain_steps(start: int, steps: list[tuple[str, int]]) -> list[tuple[str, int
     return out
 
 
+def tool_call_text(expression: str) -> str:
+    """The calculator call of a worked trajectory, its expression written after a space:
+    `{"expression": " (12 + 5) / 3"}`.
+
+    The space is for the copy. Pretraining prose writes "We compute (12 + 5) / 3", so the first
+    number follows the token ' (' (or ' ((' or ' '); written as `"(12`, the call would put it
+    after ' "(', a token that never precedes a number in pretraining, and the pretrained model
+    miscopies exactly that number. Same pretrained model, same SFT: 0.54 held-out without the
+    space, 0.81 with it (docs/experiments.md, "Sixth session"). The calculator strips the space.
+    """
+    return format_tool_call("calculator", {"expression": " " + expression})
+
+
 def render_question(rng: random.Random, start: int, steps: list[tuple[str, int]]) -> str:
     name, he = rng.choice(NAMES)
     item = rng.choice(ITEMS)
@@ -190,7 +203,7 @@ class CalcTask(Task):
         calls = self._steps(problem) if self.one_call_per_op else [(problem.meta["expression"], problem.answer)]
         turns = []
         for expression, result in calls:
-            turns += [{"role": "assistant", "content": format_tool_call("calculator", {"expression": expression})},
+            turns += [{"role": "assistant", "content": tool_call_text(expression)},
                       {"role": "tool", "content": str(result)}]
         return self.prompt_messages(problem) + turns + [final]
 
