@@ -156,3 +156,28 @@ def test_trajectory_rewards_and_final_turn():
     assert metrics == {"rewards/acc/mean": 1.0, "rewards/acc/failures": 0,
                        "rewards/spy/mean": 0.5, "rewards/spy/failures": 0}
     assert add_final_rewards([], [t]) == {}
+
+
+def test_numbers_copied_by_hand():
+    from steprl.rewards.library import numbers_copied
+    from steprl.tools import format_tool_call
+
+    prompt = [{"role": "system", "content": "Use 1 tool."},  # only the user's numbers count
+              {"role": "user", "content": "Mia has 7317 shells. She gets 56 more."}]
+
+    def calls(*expressions):
+        return [{"role": "assistant", "content": format_tool_call("calculator", {"expression": e})}
+                for e in expressions] + [{"role": "tool", "content": "1"}]
+
+    completions = [calls("7317 + 56"),            # both copied: (1 + 1) / 2
+                   calls(" 7131 + 56"),           # 7131 vs 7317: prefix 1 of 4 -> (0.25 + 1) / 2
+                   calls("7317 + 5"),             # 5 vs 56: prefix 1 of 2 -> (1 + 0.5) / 2
+                   calls("73170 + 56"),           # longer: prefix 4 of 5 -> (0.8 + 1) / 2
+                   calls("9 + 9"),                # nothing copied
+                   calls("7317 * 2", "14634 + 56"),  # numbers may be spread over several calls
+                   [{"role": "assistant", "content": '<tool_call>{"name": "calculator"'}],  # malformed: no call
+                   "7317 + 56"]                   # a plain string has no calls to read
+    got = numbers_copied([prompt] * len(completions), completions)
+    assert got[:7] == pytest.approx([1.0, 0.625, 0.75, 0.9, 0.0, 1.0, 0.0]) and got[7] is None
+    assert numbers_copied([[{"role": "user", "content": "no numbers"}]], [calls("1 + 1")]) == [None]
+    assert resolve_reward({"name": "numbers_copied", "weight": 0.5})[2] == 0.5

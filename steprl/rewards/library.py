@@ -18,6 +18,7 @@ import importlib
 import inspect
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -136,6 +137,45 @@ def step_reward(prompts, completions, trajectories=None, gamma: float = 1.0, **k
     return [sum(gamma ** t * r for t, r in enumerate(tr.turn_rewards)) for tr in trajectories]
 
 
+def prompt_text(prompt) -> str:
+    """The user's words: the string itself, or the content of the user messages."""
+    if isinstance(prompt, str):
+        return prompt
+    return " ".join(m.get("content") or "" for m in prompt if m.get("role") == "user")
+
+
+def _shared_prefix(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def numbers_copied(prompts, completions, **kwargs):
+    """Dense shaping for tools that must reuse the prompt's numbers: for each number q in the
+    user's words, the best digit-prefix match among the numbers in the tool calls' arguments,
+
+        r = mean_q max_c |common prefix(q, c)| / max(|q|, |c|)     (1.0 when every q is copied),
+
+    so a call that miscopies one digit of one number still earns most of it, and the samples of
+    a group that all got the answer wrong are still ranked. None when the prompt has no number
+    or the completion is a plain string (no calls to read)."""
+    from steprl.tools import parse_tool_calls
+
+    out = []
+    for prompt, completion in zip(prompts, completions):
+        wanted = re.findall(r"\d+", prompt_text(prompt))
+        if not wanted or isinstance(completion, str):
+            out.append(None)
+            continue
+        calls = [c for m in completion if m.get("role") == "assistant"
+                 for c in parse_tool_calls(m.get("content") or "") if c.error is None]
+        used = [n for c in calls for v in c.arguments.values() for n in re.findall(r"\d+", str(v))]
+        out.append(sum(max((_shared_prefix(q, c) / max(len(q), len(c)) for c in used), default=0.0)
+                       for q in wanted) / len(wanted))
+    return out
+
+
 def combine(funcs: list[RewardFn], weights: list[float] | None = None) -> RewardFn:
     """One TRL-style function: sum_i w_i f_i, skipping None; None only when every f_i says None."""
     weights = list(weights) if weights is not None else [1.0] * len(funcs)
@@ -159,6 +199,7 @@ LIBRARY: dict[str, tuple[Callable, bool]] = {
     "tool_success": (tool_success, True), "tool_success_reward": (tool_success, True),
     "length_penalty": (length_penalty, True),
     "step_reward": (step_reward, False), "step": (step_reward, False),
+    "numbers_copied": (numbers_copied, False),
 }
 
 
