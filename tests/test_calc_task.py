@@ -84,3 +84,26 @@ def test_a_calls_first_number_follows_a_token_that_precedes_numbers_in_pretraini
         assert before.strip() == "(" * (p.meta["n_ops"] - 1)
         assert before + p.meta["expression"].lstrip("(")[:1] in corpus  # seen before a digit in pretraining
         assert calculator(call_args.split('"')[1]) == p.answer  # the calculator strips the space
+
+
+def test_varied_corpus_frames_the_same_expressions_differently():
+    task, plain = CalcTask(varied=True), CalcTask()
+    varied_docs = task.pretrain_corpus(400)
+    texts = [d if isinstance(d, str) else d[1]["content"] for d in varied_docs]
+    worked = [t for t in texts if " = " in t or " gives " in t or ", which is " in t]
+    framed = [t for t in worked if "We compute" not in t and " plus " not in t and " minus " not in t
+              and " times " not in t]
+    assert 0.3 < len(framed) / len(worked) < 0.7  # about half the worked solutions
+    assert len({f.split(" ", 1)[0] for f in framed}) >= 4  # several framings, not one
+    problems = {p.question: p for p in plain.problems("train", 400, seed=20_000)}
+    stories = 0
+    for d in varied_docs:  # every story still carries its own expression and answer
+        text = d if isinstance(d, str) else d[0]["content"] + " " + d[1]["content"]
+        question = next((q for q in problems if text.startswith(q)), None)
+        if question is not None:
+            stories += 1
+            assert problems[question].meta["expression"] in text and problems[question].answer in text
+    assert stories > 250
+    assert any(' " (' in t or ' " ' in t for t in framed)  # the spaced quote a call writes
+    with pytest.raises(ValueError, match="varied must be true or false"):
+        CalcTask(varied=1)

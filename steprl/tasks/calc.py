@@ -26,7 +26,11 @@ Two variants, selected by task args, for the experiments of issue 3:
 
 And one for the pretraining text: quoted=True adds `The expression is "(12 + 5) / 3".` before
 a fifth of the worked stories, so that a quote before a number is not first seen in a tool call
-(docs/experiments.md, "Fourth session").
+(docs/experiments.md, "Fourth session"). And varied=True (the demo's setting) frames half the
+worked solutions differently ("Compute ...", 'The expression is " ..."', "Expression: ...", ...):
+the pretrained model then copies the question's numbers in contexts other than "We compute",
+which is what a tool call asks of it (cold start 0.91 and 0.95 from two pretraining runs,
+against 0.16-0.60 without; docs/experiments.md, "Sixth session").
 """
 from __future__ import annotations
 
@@ -47,6 +51,11 @@ OP_PHRASES = {
           "{he} keeps one out of every {b}."],
 }
 OP_WORDS = {"+": "plus", "-": "minus", "*": "times", "/": "divided by"}
+# varied=True: half the worked solutions frame the expression differently, so that copying the
+# question's numbers is learned in more contexts than after "We compute"
+FRAMINGS = ['Compute {e} = {a}. The answer is {a}.', 'The expression is " {e}", which is {a}.',
+            'Expression: {e} = {a}.', '{e} = {a}. So {a}.', 'In numbers, {e} gives {a}.',
+            'Write " {e}" and get {a}.', 'It is {e}, that is {a}.']
 MAX_VALUE = 10**7  # intermediate results stay below this so answers stay short
 SYSTEM_PROMPT = "Use the calculator, then give the answer."
 PER_OP_PROMPT = "Use the calculator for each step, then give the answer."
@@ -137,14 +146,15 @@ class CalcTask(Task):
     turns_needed = 2  # a call, then the answer
 
     def __init__(self, min_ops: int = 1, max_ops: int = 3, test_size: int = 500, tools: bool = True,
-                 one_call_per_op: bool = False, quoted: bool = False):
+                 one_call_per_op: bool = False, quoted: bool = False, varied: bool = False):
         if not 1 <= min_ops <= max_ops:
             raise ValueError(f"calc: need 1 <= min_ops <= max_ops, got {min_ops}, {max_ops}")
-        for key, value in {"tools": tools, "one_call_per_op": one_call_per_op, "quoted": quoted}.items():
+        for key, value in {"tools": tools, "one_call_per_op": one_call_per_op, "quoted": quoted, "varied": varied}.items():
             if not isinstance(value, bool):
                 raise ValueError(f"calc: {key} must be true or false, got {value!r}")
         self.min_ops, self.max_ops, self.test_size = min_ops, max_ops, test_size
         self.use_tools, self.one_call_per_op, self.quoted = tools, one_call_per_op, quoted
+        self.varied = varied
         if not self.use_tools:  # PBRFT: s_0 = prompt, one answer y, reward r(s_0, y)
             self.tool_names, self.system_prompt, self.max_turns, self.turns_needed = (), DIRECT_PROMPT, 1, 1
         elif self.one_call_per_op:
@@ -220,6 +230,8 @@ class CalcTask(Task):
         docs = []
         for p in self.problems("train", n_docs, seed=20_000 + seed):
             solution = f"{self.worked_solution(p)} The answer is {p.answer}."
+            if self.varied and not self.one_call_per_op and rng.random() < 0.5:
+                solution = rng.choice(FRAMINGS).format(e=p.meta["expression"], a=p.answer)
             roll = rng.random()
             if self.quoted and roll < 0.2:  # the expression in quotes, as text quotes it (and a call will)
                 docs.append(f'{p.question} The expression is "{p.meta["expression"]}". {solution}')
