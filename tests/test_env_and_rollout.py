@@ -2,6 +2,7 @@ import torch
 
 from steprl.config import GRPOConfig, RewardConfig
 from steprl.envs.tool_env import ToolEnv
+from steprl.models.tiny import render_chatml
 from steprl.recipes.grpo import completion_logprobs, token_advantages
 from steprl.rollout.episodes import ChatRenderer, run_episodes
 from steprl.rollout.sampling import SamplingParams, generate, left_pad
@@ -61,6 +62,7 @@ def test_conversation_mask_trains_only_assistant_tokens(tiny):
     assert len(ids) == len(mask)
     # the whole sequence is exactly the chat template's rendering
     assert tok.decode(ids) == tok.apply_chat_template(conv, tokenize=False).rstrip("\n")
+    assert render_chatml(conv) == tok.apply_chat_template(conv, tokenize=False)  # what trained the tokenizer
     trained = tok.decode([i for i, m in zip(ids, mask) if m])
     assert trained == conv[2]["content"] + "<|im_end|>" + conv[4]["content"] + "<|im_end|>"
     context = tok.decode([i for i, m in zip(ids, mask) if not m])

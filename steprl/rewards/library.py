@@ -18,6 +18,7 @@ import importlib
 import inspect
 import logging
 import math
+import os
 import re
 from pathlib import Path
 from typing import Callable
@@ -144,13 +145,6 @@ def prompt_text(prompt) -> str:
     return " ".join(m.get("content") or "" for m in prompt if m.get("role") == "user")
 
 
-def _shared_prefix(a: str, b: str) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
-
-
 def numbers_copied(prompts, completions, **kwargs):
     """Dense shaping for tools that must reuse the prompt's numbers: for each number q in the
     user's words, the best digit-prefix match among the numbers in the tool calls' arguments,
@@ -171,7 +165,7 @@ def numbers_copied(prompts, completions, **kwargs):
         calls = [c for m in completion if m.get("role") == "assistant"
                  for c in parse_tool_calls(m.get("content") or "") if c.error is None]
         used = [n for c in calls for v in c.arguments.values() for n in re.findall(r"\d+", str(v))]
-        out.append(sum(max((_shared_prefix(q, c) / max(len(q), len(c)) for c in used), default=0.0)
+        out.append(sum(max((len(os.path.commonprefix([q, c])) / max(len(q), len(c)) for c in used), default=0.0)
                        for q in wanted) / len(wanted))
     return out
 
