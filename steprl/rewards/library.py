@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from steprl.tasks.base import answers_match, extract_answer
+from steprl.tools import parse_tool_calls
 
 log = logging.getLogger("steprl.rewards")
 RewardFn = Callable[..., list]
@@ -154,8 +155,6 @@ def numbers_copied(prompts, completions, **kwargs):
     so a call that miscopies one digit of one number still earns most of it, and the samples of
     a group that all got the answer wrong are still ranked. None when the prompt has no number
     or the completion is a plain string (no calls to read)."""
-    from steprl.tools import parse_tool_calls
-
     out = []
     for prompt, completion in zip(prompts, completions):
         wanted = re.findall(r"\d+", prompt_text(prompt))
