@@ -3,7 +3,7 @@
     python benchmarks/experiments.py --base runs/demo --seeds 0 1 2 [--only agentic pbrft ...] [--set k=v ...]
 
 Every arm starts from the base run's pretrained model (its `pretrain/` directory is copied, so
-the pipeline skips that stage; the demo-config arms also reuse its `sft/`) and runs its own SFT and RL stages with `steprl run`, one process
+the pipeline skips that stage; the demo-config arm also reuses its `sft/`) and runs its own SFT and RL stages with `steprl run`, one process
 per arm, so wall time and peak memory are the arm's own. Arms:
 
   agentic       configs/demo.yaml:   SFT -> GRPO with the calculator (T <= 3)
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 # arms whose SFT stage is the demo's (same config, seed 0) reuse the base run's sft/ when it has one
-SHARES_BASE_SFT = {"agentic", "ppo"}
+SHARES_BASE_SFT = {"agentic"}
 ARMS = {
     "agentic": ("configs/demo.yaml", ["stages=[pretrain,sft,grpo]"]),
     "pbrft": ("configs/pbrft.yaml", ["stages=[pretrain,sft,grpo]"]),
@@ -47,9 +47,11 @@ def run_arm(arm: str, seed: int, base: Path, out: Path, extra: list[str]) -> dic
     if not (run_dir / "summary.json").is_file():
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.copytree(base / "pretrain", run_dir / "pretrain")
-        # arms with the same SFT data share one SFT run (seed 0's), so seeds differ only in RL
-        sft_donor = base / "sft" if arm in SHARES_BASE_SFT else out / f"{arm}-s0" / "sft"
-        if (arm in SHARES_BASE_SFT or seed != 0) and (sft_donor / "done.json").is_file():
+        # arms of the same config share one SFT run (the first one's), so they differ only in RL
+        donors = ([base / "sft"] if arm in SHARES_BASE_SFT
+                  else [out / f"{a}-s0" / "sft" for a in ARMS if ARMS[a][0] == config])
+        sft_donor = next((d for d in donors if (d / "done.json").is_file()), None)
+        if sft_donor is not None:
             shutil.copytree(sft_donor, run_dir / "sft")
             (run_dir / "sft" / "eval.json").unlink(missing_ok=True)  # re-evaluate with this arm's eval settings
         cmd = [sys.executable, "-m", "steprl.cli", "run", config, f"name={name}", f"output_dir={out}",

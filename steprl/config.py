@@ -75,6 +75,9 @@ class PretrainConfig:
 class SFTConfig:
     n_examples: int = 200
     data: str | None = None  # optional JSONL of {"messages": [...]} or {"prompt", "completion"}
+    # fraction of the generated cold-start trajectories that give the right answer without calling
+    # a tool, as a teacher that knows some answers by heart would: the habit RL must unlearn
+    no_tool_fraction: float = 0.0
     epochs: int = 3
     batch_size: int = 16
     learning_rate: float = 1e-3
@@ -271,6 +274,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if not 0 <= cfg.sft.no_tool_fraction <= 1:
+        raise ConfigError(f"sft.no_tool_fraction: must be in [0, 1], got {cfg.sft.no_tool_fraction}")
     if not r.data and r.n_pairs < 1:
         raise ConfigError(f"rm.n_pairs: must be >= 1 when rm.data is not set, got {r.n_pairs}")
     bad = [c for c in r.corruptions if c not in CORRUPTIONS]

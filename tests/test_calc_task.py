@@ -107,3 +107,24 @@ def test_varied_corpus_frames_the_same_expressions_differently():
     assert any(' " (' in t or ' " ' in t for t in framed)  # the spaced quote a call writes
     with pytest.raises(ValueError, match="varied must be true or false"):
         CalcTask(varied=1)
+
+
+def test_no_tool_cold_start_answers_a_fraction_directly_and_stays_successful():
+    from steprl.recipes.sft import cold_start, without_tools
+    task = CalcTask()
+    full = task.cold_start(20, seed=0)
+    mixed = cold_start(task, 20, 0.6, seed=0)
+    direct = [c for c in mixed if not any(m["role"] == "tool" for m in c)]
+    assert len(direct) == 12 and len(mixed) == 20
+    for conv, original in zip(mixed, full):
+        # the same problems in the same order; a direct one is the original minus its tool turns
+        assert conv[:2] == original[:2] and conv[-1] == original[-1]
+        assert conv in (original, without_tools(original))
+    assert [m["role"] for m in direct[0]] == ["system", "user", "assistant"]
+    assert direct[0][-1]["content"].startswith("<answer>")
+    # still successful trajectories: every final answer is the problem's answer
+    problems = task.problems("train", 20, seed=10_000)
+    assert all(task.check(p, c[-1]["content"]) for p, c in zip(problems, mixed))
+    assert cold_start(task, 20, 0.6, seed=0) == mixed  # deterministic by seed
+    assert cold_start(task, 20, 0.6, seed=1) != mixed
+    assert cold_start(task, 20, 0.0, seed=0) == full

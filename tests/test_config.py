@@ -36,6 +36,7 @@ def test_int_accepted_for_float():
     ("rm.type=critic", "rm.type: 'critic' is not allowed (allowed: 'classifier', 'implicit')"),
     (["rm.type=implicit", "rm.pooling=mean"], "rm.pooling: applies to rm.type classifier only"),
     (["rm.type=implicit", "rm.beta=0"], "rm.beta: must be > 0"),
+    ("sft.no_tool_fraction=1.5", "sft.no_tool_fraction: must be in [0, 1], got 1.5"),
 ])
 def test_bad_configs_give_one_line(override, message):
     with pytest.raises(ConfigError) as err:

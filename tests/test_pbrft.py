@@ -106,9 +106,10 @@ def test_pbrft_rm_pairs_from_direct_answers(tiny):
 
 # ----------------------------------------------------------------------------- one call per operation
 
-def test_per_op_cold_start_replays_with_every_call_succeeding():
+@pytest.mark.parametrize("cumulative", [False, True])
+def test_per_op_cold_start_replays_with_every_call_succeeding(cumulative):
     for seed in range(5):
-        task = CalcTask(min_ops=1, max_ops=3, one_call_per_op=True)
+        task = CalcTask(min_ops=1, max_ops=3, one_call_per_op=True, cumulative=cumulative)
         tools = {"calculator": calculator}
         for conv in task.cold_start(40, seed=seed):
             p = next(q for q in task.problems("train", 40, seed=10_000 + seed) if q.question == conv[1]["content"])
@@ -136,6 +137,24 @@ def test_per_op_calls_chain_the_intermediate_results():
     assert str(p.meta["start"]) in calls[0] and results[-1] == p.answer
     for prev, nxt in zip(results, calls[1:]):
         assert f'" {prev} ' in nxt  # each call starts from the previous result (after a space)
+
+
+def test_cumulative_calls_are_prefixes_of_the_chain():
+    task = CalcTask(one_call_per_op=True, cumulative=True)
+    p = next(q for q in task.problems("train", 50) if q.meta["n_ops"] == 3)
+    conv = task.solution_messages(p)
+    turns = [m["content"] for m in conv if m["role"] == "assistant"]
+    calls = [json.loads(t.split("\n")[1])["arguments"]["expression"] for t in turns[:-1]]
+    results = [m["content"] for m in conv if m["role"] == "tool"]
+    (a, (op1, b), (op2, c), (op3, d)) = p.meta["start"], *p.meta["steps"]
+    assert calls == [f" {a} {op1} {b}", f" ({a} {op1} {b}) {op2} {c}", f" (({a} {op1} {b}) {op2} {c}) {op3} {d}"]
+    assert calls[-1] == " " + p.meta["expression"] and results[-1] == p.answer
+    assert results == [str(r) for _, r in CalcTask(one_call_per_op=True)._steps(p)]
+    # the pretraining text is the chained one, as for the single call
+    docs = CalcTask(one_call_per_op=True, cumulative=True).pretrain_corpus(50)
+    assert docs == CalcTask().pretrain_corpus(50)
+    with pytest.raises(ValueError, match="cumulative applies to one_call_per_op only"):
+        CalcTask(cumulative=True)
 
 
 def test_per_op_pretrain_corpus_works_in_steps():

@@ -81,9 +81,10 @@ def run(cfg: RunConfig) -> dict:
 
 
 def print_table(summary: dict) -> None:
-    print(f"\n{'stage':<10} {'seconds':>8} {'accuracy':>9} {'n':>5}")
+    print(f"\n{'stage':<10} {'seconds':>8} {'accuracy':>9} {'n':>5} {'tool calls':>10}")
     for row in summary["stages"]:
         ev = row.get("eval") or {}
         acc = f"{ev['accuracy']:.3f}" if "accuracy" in ev else "-"
-        print(f"{row['name']:<10} {row['wall_seconds']:>8.1f} {acc:>9} {ev.get('n', '-'):>5}")
+        calls = f"{ev['tool_calls_per_episode']:.2f}" if "tool_calls_per_episode" in ev else "-"
+        print(f"{row['name']:<10} {row['wall_seconds']:>8.1f} {acc:>9} {ev.get('n', '-'):>5} {calls:>10}")
     print(f"{'total':<10} {summary['wall_seconds']:>8.1f}")

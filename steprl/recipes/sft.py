@@ -40,6 +40,23 @@ def load_conversations(path: str) -> list[list[dict]]:
     return out
 
 
+def without_tools(conversation: list[dict]) -> list[dict]:
+    """The same episode answered without tools: the context (system and user messages) and the
+    final assistant message; the tool calls and their results are dropped."""
+    context = [m for m in conversation if m["role"] in ("system", "user")]
+    final = [m for m in conversation if m["role"] == "assistant"][-1:]
+    return context + final
+
+
+def cold_start(task, n: int, no_tool_fraction: float, seed: int) -> list[list[dict]]:
+    """The task's n successful trajectories; round(no_tool_fraction * n) of them, chosen by the
+    seed, answer directly (`without_tools`)."""
+    conversations = task.cold_start(n, seed=seed)
+    direct = set(random.Random(f"no_tool/{seed}").sample(range(len(conversations)),
+                                                        round(no_tool_fraction * len(conversations))))
+    return [without_tools(c) if i in direct else c for i, c in enumerate(conversations)]
+
+
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
     """Right-padded input_ids, attention_mask and labels (-100 wherever the mask is 0)."""
     width = max(len(ids) for ids, _ in examples)
@@ -66,7 +83,8 @@ def run(cfg: RunConfig) -> dict:
     base = resolve(previous_checkpoint(cfg, "sft"))
     model, tokenizer = load_policy(base)
     task = get_task(cfg.task.name, **cfg.task.args)
-    conversations = load_conversations(s.data) if s.data else task.cold_start(s.n_examples, seed=cfg.seed)
+    conversations = (load_conversations(s.data) if s.data
+                     else cold_start(task, s.n_examples, s.no_tool_fraction, seed=cfg.seed))
     renderer = ChatRenderer(tokenizer)
     examples = [renderer.conversation_ids(c) for c in conversations]
     examples = [(ids[: s.max_length], m[: s.max_length]) for ids, m in examples]

@@ -23,6 +23,10 @@ Two variants, selected by task args, for the experiments of issue 3:
     one_call_per_op=True  one calculator call per operation: turn 1 `12 + 5` -> 17, turn 2
                           `17 / 3` -> 6, then the answer: a 3-op problem takes 3 calls and 4 turns,
                           so per-turn (dense) rewards and credit assignment matter.
+    cumulative=True       (with one_call_per_op) each call extends the previous one by an
+                          operation: `12 + 5` -> 17, then `(12 + 5) / 3` -> 6. The calls are
+                          prefixes of the chained expression that the demo's pretraining text
+                          writes, so the k-th call needs no pointer to the question's k-th number.
 
 And one for the pretraining text: quoted=True adds `The expression is "(12 + 5) / 3".` before
 a fifth of the worked stories, so that a quote before a number is not first seen in a tool call
@@ -146,15 +150,22 @@ class CalcTask(Task):
     turns_needed = 2  # a call, then the answer
 
     def __init__(self, min_ops: int = 1, max_ops: int = 3, test_size: int = 500, tools: bool = True,
-                 one_call_per_op: bool = False, quoted: bool = False, varied: bool = False):
+                 one_call_per_op: bool = False, quoted: bool = False, varied: bool = False,
+                 cumulative: bool = False):
         if not 1 <= min_ops <= max_ops:
             raise ValueError(f"calc: need 1 <= min_ops <= max_ops, got {min_ops}, {max_ops}")
-        for key, value in {"tools": tools, "one_call_per_op": one_call_per_op, "quoted": quoted, "varied": varied}.items():
+        for key, value in {"tools": tools, "one_call_per_op": one_call_per_op, "quoted": quoted,
+                           "varied": varied, "cumulative": cumulative}.items():
             if not isinstance(value, bool):
                 raise ValueError(f"calc: {key} must be true or false, got {value!r}")
+        if cumulative and not one_call_per_op:
+            raise ValueError("calc: cumulative applies to one_call_per_op only")
         self.min_ops, self.max_ops, self.test_size = min_ops, max_ops, test_size
         self.use_tools, self.one_call_per_op, self.quoted = tools, one_call_per_op, quoted
-        self.varied = varied
+        self.varied, self.cumulative = varied, cumulative
+        # per-op prose ("12 + 5 = 17. 17 / 3 = 6.") when the calls work one operation at a time on
+        # the previous result; cumulative calls extend the chain, as the chained prose does
+        self.per_op_prose = one_call_per_op and not cumulative
         if not self.use_tools:  # PBRFT: s_0 = prompt, one answer y, reward r(s_0, y)
             self.tool_names, self.system_prompt, self.max_turns, self.turns_needed = (), DIRECT_PROMPT, 1, 1
         elif self.one_call_per_op:
@@ -196,12 +207,22 @@ class CalcTask(Task):
     def worked_solution(self, problem: Problem) -> str:
         """The arithmetic in words: "We compute (12 + 5) / 3 = 6." or, one operation at a time,
         "We compute 12 + 5 = 17. 17 / 3 = 6."."""
-        if self.one_call_per_op:
+        if self.per_op_prose:
             return "We compute " + " ".join(f"{e} = {r}." for e, r in self._steps(problem))
         return f"We compute {problem.meta['expression']} = {problem.answer}."
 
     def _steps(self, problem: Problem) -> list[tuple[str, int]]:
         return chain_steps(problem.meta["start"], problem.meta["steps"])
+
+    def _calls(self, problem: Problem) -> list[tuple[str, int]]:
+        """(expression, result) of each calculator call of a worked trajectory."""
+        if not self.one_call_per_op:
+            return [(problem.meta["expression"], int(problem.answer))]
+        if self.cumulative:  # "12 + 5" -> 17, then "(12 + 5) / 3" -> 6
+            start, steps = problem.meta["start"], problem.meta["steps"]
+            return [(chain_expression(start, steps[:k]), r)
+                    for k, (_, r) in enumerate(self._steps(problem), 1)]
+        return self._steps(problem)
 
     def solution_messages(self, problem: Problem) -> list[dict]:
         """A successful trajectory: the direct answer (no tools), one calculator call per
@@ -210,9 +231,8 @@ class CalcTask(Task):
         if not self.use_tools:
             return self.prompt_messages(problem) + [
                 {"role": "assistant", "content": f"{self.worked_solution(problem)} {final['content']}"}]
-        calls = self._steps(problem) if self.one_call_per_op else [(problem.meta["expression"], problem.answer)]
         turns = []
-        for expression, result in calls:
+        for expression, result in self._calls(problem):
             turns += [{"role": "assistant", "content": tool_call_text(expression)},
                       {"role": "tool", "content": str(result)}]
         return self.prompt_messages(problem) + turns + [final]
@@ -225,12 +245,13 @@ class CalcTask(Task):
         answered in words), and number facts. No tools and no tool protocol: calling the
         calculator is what cold-start SFT teaches. tools=False reads the same corpus as the agentic
         task, so both arms of the PBRFT-vs-agentic comparison pretrain on the same text;
-        one_call_per_op works the problems one operation at a time, as its calls do."""
+        one_call_per_op works the problems one operation at a time, as its calls do (cumulative
+        calls read the chained solutions, as the default does)."""
         rng = random.Random(f"calc/pretrain/{seed}")
         docs = []
         for p in self.problems("train", n_docs, seed=20_000 + seed):
             solution = f"{self.worked_solution(p)} The answer is {p.answer}."
-            if self.varied and not self.one_call_per_op and rng.random() < 0.5:
+            if self.varied and not self.per_op_prose and rng.random() < 0.5:
                 solution = rng.choice(FRAMINGS).format(e=p.meta["expression"], a=p.answer)
             roll = rng.random()
             if self.quoted and roll < 0.2:  # the expression in quotes, as text quotes it (and a call will)
