@@ -5,6 +5,10 @@
 Conversations are tokenised exactly as rollouts will see them (ChatRenderer.conversation_ids):
 system, user and tool messages are context (mask 0); each assistant turn and its end-of-turn
 token are trained (mask 1). LoRA through peft, or full fine-tuning.
+
+Data: a JSONL file (`sft.data`), or the task's generated successful trajectories, of which
+`sft.no_tool_fraction` answer without their tool calls (a teacher that knows some answers: the
+student learns that habit too, and RL has to learn that the tool pays).
 """
 from __future__ import annotations
 
