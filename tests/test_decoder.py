@@ -32,7 +32,7 @@ def step_logits_both_ways(model, tok, decoder):
     out = []
     for use_ours in (True, False):
         with torch.inference_mode():
-            cache, logits, mask, pos = prefill(model, prompts, tok.pad_token_id, 8)
+            cache, logits, mask, pos, _ = prefill(model, prompts, tok.pad_token_id, 8)
             width, nxt, new, seen = mask.shape[1], pos[:, -1] + 1, logits.argmax(-1), []
             full = torch.cat([mask, torch.ones(len(prompts), 8, dtype=torch.long)], dim=1)
             for t in range(3):
@@ -112,3 +112,33 @@ def test_inverse_cdf_sample_draws_the_distribution():
     torch.testing.assert_close(freq, torch.tensor([0.1, 0.0, 0.2, 0.7]), atol=0.008, rtol=0)
     assert set(second.tolist()) == {1, 2}  # zero-probability tokens are never drawn
     assert abs(float((second == 1).float().mean()) - 0.5) < 0.01
+
+
+def test_shared_stem_attention_equals_attention_over_every_rows_copy(tiny):
+    """Rows with a common stem: decode steps that read the stem once (`shared`) give the logits
+    of steps that read every row's copy, and `attend` equals the plain formula on random tensors."""
+    model, tok = lora_model(tiny, seed=3), tiny[1]
+    stem = tok("Sam has 12 apples. He finds 5 more. Then he sells 3.")["input_ids"]
+    prompts = [stem + tok(t)["input_ids"] for t in (" How many", " And", " How many apples does Sam have?")] * 2
+    decoder = LlamaDecoder.for_model(model)
+    out = []
+    for use_shared in (True, False):
+        with torch.inference_mode():
+            cache, logits, mask, pos, shared = prefill(model, prompts, tok.pad_token_id, 8)
+            assert shared >= len(stem)
+            width, nxt, new, seen = mask.shape[1], pos[:, -1] + 1, logits.argmax(-1), []
+            full = torch.cat([mask, torch.ones(len(prompts), 8, dtype=torch.long)], dim=1)
+            for t in range(3):
+                seen.append(decoder.step(new, nxt, cache, full[:, :width + t + 1], shared if use_shared else 0))
+                nxt, new = nxt + 1, torch.tensor([5, 9, 17, 5, 9, 17])
+        out.append(torch.stack(seen))
+    torch.testing.assert_close(out[0], out[1], atol=1e-5, rtol=1e-5)
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(5, 3, 2, 8), torch.randn(5, 3, 11, 8), torch.randn(5, 3, 11, 8)
+    k[:, :, :4], v[:, :, :4] = k[:1, :, :4], v[:1, :, :4]  # a stem of 4 columns shared by all rows
+    bias = torch.zeros(5, 1, 1, 11)
+    bias[1, ..., 6] = float("-inf")  # a masked column after the stem
+    plain = torch.softmax(q @ k.transpose(-1, -2) * 0.3 + bias, dim=-1) @ v
+    torch.testing.assert_close(dec.attend(q, k, v, bias, 0.3, shared=4), plain, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(dec.attend(q, k, v, bias, 0.3), plain, atol=1e-6, rtol=1e-6)

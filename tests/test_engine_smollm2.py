@@ -81,3 +81,33 @@ def test_sampled_logprobs_equal_a_fresh_forward(smollm2):
             logits = model(input_ids=torch.tensor([p + t])).logits[0, len(p) - 1:-1].float()
         direct = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(t)[:, None]).squeeze(-1)
         torch.testing.assert_close(direct, torch.tensor(lp), atol=1e-4, rtol=0)
+
+
+def test_greedy_with_a_shared_system_prompt_equals_hf_generate(smollm2):
+    """Rows that share a long stem (one system prompt, different questions): the decode steps read
+    the stem's keys and values once for all rows (`decoder.attend`, shared > 0); greedy output
+    still equals HF's token for token."""
+    from steprl.rollout.sampling import SamplingParams, generate, left_pad, prefill
+
+    model, tok, _, stop = smollm2
+    system = {"role": "system", "content": (  # long, as a system prompt with a tool description is
+        "You solve arithmetic word problems. Read the question, write the expression that answers it, "
+        "call the calculator with that expression, wait for its result, then give the final answer "
+        "inside answer tags. Never do the arithmetic yourself: the calculator is exact, you are not. "
+        "Keep every number exactly as the question writes it, and keep the order of the operations.")}
+    questions = ["Sam has 12 apples. He finds 5 more. How many apples does Sam have now?",
+                 "Mia has 364 coins. She splits them into 91 equal groups and keeps one group. How many?",
+                 "What is 7 times 8?"]
+    prompts = [tok(tok.apply_chat_template([system, {"role": "user", "content": q}], add_generation_prompt=True,
+                                           tokenize=False), add_special_tokens=False)["input_ids"] for q in questions]
+    with torch.inference_mode():
+        shared = prefill(model, prompts, tok.pad_token_id, 1)[-1]
+    assert shared >= 20  # the system prompt's tokens and more
+    ours, _, finish = generate(model, tok, prompts, SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0),
+                               stop=stop)
+    ids, mask, _ = left_pad(prompts, tok.pad_token_id)
+    with torch.no_grad():
+        ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=sorted(stop.eos_ids))
+    for row, got in zip(ref[:, ids.shape[1]:].tolist(), ours):
+        assert got and row[: len(got)] == got

@@ -16,7 +16,8 @@ What makes it faster than a plain loop (every trick keeps the computation exact)
   result fed into its own cache, one token per step, while the other rows decode, and is
   never prefilled again;
 * decode steps of Llama-family models run through `decoder.LlamaDecoder` (LoRA merged, large
-  weights in oneDNN's layout, grouped-query attention without copying keys); others through HF;
+  weights in oneDNN's layout, grouped-query attention without copying keys, the shared stem's
+  keys and values read once per step, not once per row); others through HF;
 * sampling draws one uniform number per row against the cumulative distribution
   (`inverse_cdf_sample`), not `torch.multinomial`, which costs ~16 ms per call at V = 49k;
 * the EOS and stop-string bookkeeping is vectorised; the (slow) text check of stop strings only
@@ -221,7 +222,8 @@ def shared_stems(prompts: list[list[int]]):
 
 def prefill(model, prompts: list[list[int]], pad_id: int, max_new: int):
     """A cache holding every prompt, with room for `max_new` more tokens. Returns (cache, last
-    logits [B, V], attention mask [B, width], positions [B, width]).
+    logits [B, V], attention mask [B, width], positions [B, width], shared), where the first
+    `shared` cache columns are the same unpadded stem in every row (0 if there is none).
 
     Rows that begin alike are prefilled in two passes: their shared stems once, then the stems'
     cache rows are repeated and each row's suffix runs on top of its stem. Otherwise one pass.
@@ -232,7 +234,7 @@ def prefill(model, prompts: list[list[int]], pad_id: int, max_new: int):
         cache = new_cache(model, ids.shape[1] + max_new)
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return cache, out.logits[:, -1], mask, positions
+        return cache, out.logits[:, -1], mask, positions, 0
     ids, stem_mask, positions = left_pad(stems, pad_id)
     cache = new_cache(model, ids.shape[1] + max(len(s) for s in suffixes) + max_new)
     model(input_ids=ids, attention_mask=stem_mask, position_ids=positions,
@@ -243,7 +245,8 @@ def prefill(model, prompts: list[list[int]], pad_id: int, max_new: int):
     mask = torch.cat([stem_mask[stem_of], suffix_mask], dim=1)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                 past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return cache, out.logits[:, -1], mask, positions
+    shared = len(stems[0]) if len(stems) == 1 else 0  # one stem: no padding, the same in every row
+    return cache, out.logits[:, -1], mask, positions, shared
 
 
 @torch.inference_mode()
@@ -263,7 +266,7 @@ def generate(model, tokenizer, prompts: list[list[int]], params: SamplingParams,
     """
     stop = stop or StopChecker(tokenizer, params.stop_strings)
     n, max_new = len(prompts), params.max_new_tokens
-    cache, logits, prompt_mask, positions = prefill(model, prompts, tokenizer.pad_token_id, max_new)
+    cache, logits, prompt_mask, positions, shared = prefill(model, prompts, tokenizer.pad_token_id, max_new)
     width = prompt_mask.shape[1]
     # the mask of every row: its prompt's, then ones (a finished row's later tokens are never read)
     mask = torch.ones(n, width + max_new, dtype=torch.long)
@@ -319,7 +322,7 @@ def generate(model, tokenizer, prompts: list[list[int]], params: SamplingParams,
         if width + t + 1 > mask.shape[1]:  # a later turn: room for another max_new columns
             mask = torch.cat([mask, torch.ones(mask.shape[0], max_new, dtype=mask.dtype)], dim=1)
         if decoder is not None:
-            logits = decoder.step(new, next_pos, cache, mask[:, :width + t + 1])
+            logits = decoder.step(new, next_pos, cache, mask[:, :width + t + 1], shared)
         else:
             out = model(input_ids=new[:, None], attention_mask=mask[:, :width + t + 1],
                         position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
