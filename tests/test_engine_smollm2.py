@@ -42,9 +42,12 @@ def smollm2():
 
 
 def test_greedy_equals_hf_generate_token_for_token(smollm2):
+    assert_greedy_equals_hf(*smollm2)
+
+
+def assert_greedy_equals_hf(model, tok, prompts, stop):
     from steprl.rollout.sampling import SamplingParams, generate, left_pad
 
-    model, tok, prompts, stop = smollm2
     ours, _, finish = generate(model, tok, prompts, SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0),
                                stop=stop)
     ids, mask, _ = left_pad(prompts, tok.pad_token_id)
@@ -87,7 +90,7 @@ def test_greedy_with_a_shared_system_prompt_equals_hf_generate(smollm2):
     """Rows that share a long stem (one system prompt, different questions): the decode steps read
     the stem's keys and values once for all rows (`decoder.attend`, shared > 0); greedy output
     still equals HF's token for token."""
-    from steprl.rollout.sampling import SamplingParams, generate, left_pad, prefill
+    from steprl.rollout.sampling import prefill
 
     model, tok, _, stop = smollm2
     system = {"role": "system", "content": (  # long, as a system prompt with a tool description is
@@ -103,11 +106,4 @@ def test_greedy_with_a_shared_system_prompt_equals_hf_generate(smollm2):
     with torch.inference_mode():
         shared = prefill(model, prompts, tok.pad_token_id, 1)[-1]
     assert shared >= 20  # the system prompt's tokens and more
-    ours, _, finish = generate(model, tok, prompts, SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0),
-                               stop=stop)
-    ids, mask, _ = left_pad(prompts, tok.pad_token_id)
-    with torch.no_grad():
-        ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
-                             pad_token_id=tok.pad_token_id, eos_token_id=sorted(stop.eos_ids))
-    for row, got in zip(ref[:, ids.shape[1]:].tolist(), ours):
-        assert got and row[: len(got)] == got
+    assert_greedy_equals_hf(model, tok, prompts, stop)
