@@ -620,6 +620,11 @@ def main(argv=None) -> int:
                          "a 2x2 GRPO step of 4 tokens, 1 torch thread")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     ap.add_argument("--skip-trl", action="store_true", help="do not run TRL's GRPOTrainer")
+    ap.add_argument("--parts", default="gen,grpo,trl",
+                    help="comma-separated parts to run: gen (generation), grpo (our step), trl (TRL's step)")
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="leave glibc's malloc at its defaults. Without it the whole process, peers included, "
+                         "runs with the setting steprl's RL recipes use (recipes.common.keep_freed_memory)")
     ap.add_argument("--skip-smollm2", action="store_true", help="tiny model only (GRPO on the tiny model)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats (median), after one warm-up")
     ap.add_argument("--batches", default="16,64", help="generation batch sizes")
@@ -644,6 +649,11 @@ def main(argv=None) -> int:
         a.threads = a.threads or 1  # a smoke check: light on a shared machine, immune to oversubscription
     if a.threads > 0:
         torch.set_num_threads(a.threads)
+    parts = set(a.parts.split(","))
+    if not a.default_malloc:
+        from steprl.recipes.common import keep_freed_memory
+
+        keep_freed_memory()  # process-wide: HF generate and TRL run under it too
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     if load_start is not None and load_start > 0.5 and not a.quick:
         log(f"warning: load average {load_start:.2f} at start: other processes share the CPU, timings "
@@ -671,7 +681,7 @@ def main(argv=None) -> int:
 
     # 2. generation: distinct prompts, then the GRPO shape (P prompts x G copies)
     gen_rows = []
-    for name, factory in models:
+    for name, factory in (models if "gen" in parts else []):
         model, tok = factory()
         prompts, _, _ = task_prompts(tok, max(batches))
         for b in batches:
@@ -687,7 +697,7 @@ def main(argv=None) -> int:
     s = {"prompts": a.grpo_prompts, "generations": a.grpo_generations, "max_new_tokens": a.grpo_max_new_tokens}
     grpo_name, grpo_factory = models[0]
     grpo_rows = []
-    for lora in (True, False):
+    for lora in ((True, False) if "grpo" in parts else ()):
         try:
             grpo_rows.append(bench_grpo_ours(grpo_name, grpo_factory, lora, s, a.repeats, mm["gflops"],
                                              max_turns=a.grpo_max_turns, micro_batch_size=a.grpo_micro_batch))
@@ -698,8 +708,8 @@ def main(argv=None) -> int:
 
     # 4. TRL
     trl_reason = None
-    if a.skip_trl:
-        trl_reason = "skipped (--skip-trl)"
+    if a.skip_trl or "trl" not in parts:
+        trl_reason = "skipped (--skip-trl or --parts)"
     else:
         trl, trl_reason = trl_status()
         if trl is not None:
@@ -762,7 +772,8 @@ def main(argv=None) -> int:
         "matmul": mm,
         "generation": gen_rows,
         "grpo": grpo_rows,
-        "settings": {"quick": a.quick, "repeats": a.repeats, "batches": batches, "group": a.group,
+        "settings": {"quick": a.quick, "parts": sorted(parts), "default_malloc": a.default_malloc,
+                     "repeats": a.repeats, "batches": batches, "group": a.group,
                      "new_tokens": a.new_tokens,
                      "grpo": {**s, "kl_coef": 0.04, "max_turns": a.grpo_max_turns, "lora_r": 16,
                               "lora_targets": LORA_TARGETS, "learning_rate": 1e-6,

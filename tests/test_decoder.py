@@ -48,15 +48,10 @@ def step_logits_both_ways(model, tok, decoder):
     return out
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_decode_step_equals_hf_forward_under_lora(tiny, monkeypatch, packed):
-    if packed and not torch.backends.mkldnn.is_available():
-        pytest.skip("no oneDNN in this torch build")
-    monkeypatch.setattr(dec, "PACK_MIN_SIZE", 0 if packed else 1 << 40)  # pack the tiny weights, or none
+def test_decode_step_equals_hf_forward_under_lora(tiny):
     model, tok = lora_model(tiny), tiny[1]
     decoder = LlamaDecoder.for_model(model)
     assert decoder is not None
-    assert decoder.layers[0]["q"][0].is_mkldnn == packed
     ours, hf = step_logits_both_ways(model, tok, decoder)
     torch.testing.assert_close(ours, hf, atol=1e-4, rtol=1e-4)
     with model.disable_adapter():  # the reference policy: adapters off, a different decoder
@@ -64,6 +59,22 @@ def test_decode_step_equals_hf_forward_under_lora(tiny, monkeypatch, packed):
         assert plain is not decoder
         ours, hf = step_logits_both_ways(model, tok, plain)
         torch.testing.assert_close(ours, hf, atol=1e-4, rtol=1e-4)
+
+
+def test_decoder_reads_the_model_weights_and_copies_only_merged_ones(tiny):
+    """Without LoRA the decoder holds no copy of any weight; under LoRA only the adapted ones."""
+    base = copy.deepcopy(tiny[0]).eval()
+    decoder = LlamaDecoder.for_model(base)
+    for ours, layer in zip(decoder.layers, base.model.layers):
+        att, mlp = layer.self_attn, layer.mlp
+        for name, module in [("q", att.q_proj), ("k", att.k_proj), ("v", att.v_proj), ("o", att.o_proj),
+                             ("gate", mlp.gate_proj), ("up", mlp.up_proj), ("down", mlp.down_proj)]:
+            assert ours[name][0].data_ptr() == module.weight.data_ptr(), name
+    model = lora_model(tiny)  # adapters on q, v, up
+    adapted = LlamaDecoder.for_model(model)
+    att = model.base_model.model.model.layers[0].self_attn
+    assert adapted.layers[0]["o"][0].data_ptr() == att.o_proj.weight.data_ptr()
+    assert adapted.layers[0]["q"][0].data_ptr() != att.q_proj.base_layer.weight.data_ptr()
 
 
 def test_decoder_follows_weight_updates_and_stays_out_of_training(tiny):

@@ -151,6 +151,45 @@ def test_prompts_with_a_common_beginning_share_it(lively, monkeypatch):
         torch.testing.assert_close(fresh_logps(model, p, t), torch.tensor(lp), atol=1e-4, rtol=0)
 
 
+def test_a_grpo_batch_prefills_its_system_prompt_once_and_reads_it_once(lively, monkeypatch):
+    """GRPO's first turn: P prompts that begin with one system prompt, G copies of each. The common
+    beginning is prefilled once, each prompt's rest once, and decode steps read the beginning's
+    keys and values from one row (`shared`). Tokens still equal HF's, log-probs a fresh forward's."""
+    model, tok = lively
+    system = tok(" ".join(TEXTS[:4]))["input_ids"]
+    prompts = [system + q for q in prompts_of(tok, [" 7 plus 5", " A farmer sells 5 cows", " How many"]) for _ in range(3)]
+    stems, _, _, _ = sampling.shared_stems(prompts)
+    assert len(stems) == 3
+    lengths = []
+    forward = type(model).forward
+
+    def counted(self, *args, **kwargs):
+        lengths.append(kwargs["input_ids"].shape)
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(type(model), "forward", counted)
+    with torch.inference_mode():
+        shared = sampling.prefill(model, prompts, tok.pad_token_id, 4)[-1]
+    assert shared == len(system)  # the system prompt and nothing after it is common to all
+    assert [s[0] for s in lengths] == [1, 3, 9] and lengths[0][1] == len(system)  # once, per prompt, per row
+    monkeypatch.setattr(type(model), "forward", forward)
+    seen = []
+    attend = sampling.LlamaDecoder.step
+
+    def spy(self, tokens, positions, cache, mask, shared=0):
+        seen.append(shared)
+        return attend(self, tokens, positions, cache, mask, shared)
+    monkeypatch.setattr(sampling.LlamaDecoder, "step", spy)
+    ours, _, _ = generate(model, tok, prompts, SamplingParams(max_new_tokens=10, temperature=0.0),
+                          stop=EosOnly([tok.eos_token_id]))
+    assert seen and set(seen) == {len(system)}
+    for row, got in zip(hf_greedy(model, tok, prompts, 10, [tok.eos_token_id]), ours):
+        assert got and row[: len(got)] == got
+    tokens, logps, _ = generate(model, tok, prompts, SamplingParams(max_new_tokens=10, temperature=1.0),
+                                stop=EosOnly(set(range(40, 80))), generator=torch.Generator().manual_seed(5))
+    for p, t, lp in zip(prompts, tokens, logps):
+        torch.testing.assert_close(fresh_logps(model, p, t), torch.tensor(lp), atol=1e-4, rtol=0)
+
+
 def test_stop_strings_end_rows_at_the_first_completion(lively):
     model, tok = lively
     prompts = prompts_of(tok, TEXTS)

@@ -1,5 +1,7 @@
-"""LR schedules, against values computed by hand."""
+"""LR schedules, against values computed by hand; the allocator setting of the RL recipes."""
 import math
+import subprocess
+import sys
 
 import pytest
 
@@ -24,3 +26,30 @@ def test_wsd_lr_by_hand():
     assert wsd_lr(99, 100, 10, 0.2, 0.1) == pytest.approx(1.0 - 0.9 * 19 / 20)
     assert not math.isclose(wsd_lr(50, 100, 10), cosine_lr(50, 100, 10))
 
+
+
+KEPT = """
+import torch
+from steprl.recipes.common import keep_freed_memory
+
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+
+if KEEP:
+    assert keep_freed_memory()
+x = torch.ones(1 << 24)  # 64 MB: above glibc's mmap threshold
+before = resident()
+del x
+print(before - resident())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_keep_freed_memory_keeps_a_large_freed_tensor_resident():
+    """By default glibc gives a freed 64 MB block back to the OS at once (the next pass page-faults
+    it again); after keep_freed_memory() it stays in the heap for reuse."""
+    released = {}
+    for keep in (False, True):
+        out = subprocess.run([sys.executable, "-c", f"KEEP = {keep}" + KEPT], capture_output=True, text=True, check=True)
+        released[keep] = int(out.stdout.strip())
+    assert released[False] > 60e6 and released[True] < 4e6, released

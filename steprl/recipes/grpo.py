@@ -29,14 +29,14 @@ from steprl.config import RunConfig
 from steprl.models.loading import is_peft, save_checkpoint
 from steprl.monitor import MetricsLogger
 from steprl.monitor.autofix import AutoFixer, Knobs, handle_oom
-from steprl.recipes.common import (Timer, cosine_lr, mark_done, progress_bar, save_state, set_lr, setup_torch,
-                                   stage_dir)
+from steprl.recipes.common import (Timer, cosine_lr, keep_freed_memory, mark_done, progress_bar, save_state,
+                                   set_lr, setup_torch, stage_dir)
 from steprl.recipes.evaluate import make_envs, tool_setup
 from steprl.recipes.policy import setup_policy
 from steprl.rewards import add_final_rewards, resolve_rewards
 from steprl.rollout.decoder import LlamaDecoder
 from steprl.rollout.episodes import Trajectory, run_episodes
-from steprl.rollout.sampling import SamplingParams, common_prefix, left_pad
+from steprl.rollout.sampling import SamplingParams, common_prefix, extend, left_pad
 from steprl.tasks import get_task
 
 
@@ -100,24 +100,14 @@ def completion_logits(model, trajs: list[Trajectory], width: int) -> torch.Tenso
     cache = DynamicCache(config=model.config)
     past = torch.zeros(u, 0, dtype=torch.long)  # the attention mask of what the cache holds
     if plan == "common" and common > 0:
-        _, past = cached_pass(model, cache, [bodies[0][:common]], past[:1])
+        _, past, _ = extend(model, cache, [bodies[0][:common]], past[:1])
         cache.batch_select_indices(torch.zeros(u, dtype=torch.long))
         bodies, past = [b[common:] for b in bodies], past.expand(u, -1)
-    _, past = cached_pass(model, cache, bodies, past)
+    _, past, _ = extend(model, cache, bodies, past)
     rows = torch.tensor(stem_of)
     cache.batch_select_indices(rows)
-    logits, _ = cached_pass(model, cache, [[t.prompt_ids[-1]] + t.ids for t in trajs], past[rows], keep=width + 1)
+    logits, _, _ = extend(model, cache, [[t.prompt_ids[-1]] + t.ids for t in trajs], past[rows], keep=width + 1)
     return logits[:, :-1]
-
-
-def cached_pass(model, cache, seqs: list[list[int]], past: torch.Tensor, keep: int = 1):
-    """Run `seqs` (left-padded) on top of `cache`, whose rows have attention mask `past`.
-    Returns (logits of the last `keep` positions, the attention mask now)."""
-    ids, mask, pos = left_pad(seqs, pad_id=0)
-    attn = torch.cat([past, mask], dim=1)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos + past.sum(-1, keepdim=True),
-                past_key_values=cache, use_cache=True, logits_to_keep=keep)
-    return out.logits, attn
 
 
 def completion_logprobs(model, trajs: list[Trajectory], with_entropy: bool = False, temperature: float = 1.0):
@@ -252,6 +242,7 @@ def minibatch_backward(model, trajs, mb_idx, mask, advantages, old_logp, ref_log
 
 def run(cfg: RunConfig) -> dict:
     setup_torch(cfg)
+    keep_freed_memory()  # the passes reuse freed activations instead of page-faulting fresh ones
     g, out = cfg.grpo, stage_dir(cfg, "grpo")
     ckpt = out / "checkpoint"
     policy = setup_policy(cfg, "grpo", g.lora, g.learning_rate, g.kl_coef > 0 or cfg.doctor.auto_fix, ckpt)

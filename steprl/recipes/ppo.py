@@ -51,7 +51,8 @@ from steprl.config import RunConfig
 from steprl.models.loading import save_checkpoint, unwrap_peft
 from steprl.monitor import MetricsLogger
 from steprl.monitor.autofix import AutoFixer, Knobs, handle_oom
-from steprl.recipes.common import Timer, cosine_lr, mark_done, progress_bar, save_state, setup_torch, stage_dir
+from steprl.recipes.common import (Timer, cosine_lr, keep_freed_memory, mark_done, progress_bar, save_state,
+                                   setup_torch, stage_dir)
 from steprl.recipes.grpo import (accumulation_scale, clipped_tokens, completion_logprobs, episode_metrics,
                                  log_samples, make_envs, reference_logprobs, right_aligned, run_episodes,
                                  tool_setup)
@@ -177,6 +178,7 @@ def explained_variance(values, returns, mask) -> float:
 
 def run(cfg: RunConfig) -> dict:
     setup_torch(cfg)
+    keep_freed_memory()  # the passes reuse freed activations instead of page-faulting fresh ones
     p, out = cfg.ppo, stage_dir(cfg, "ppo")
     ckpt = out / "checkpoint"
     # auto-fix watches KL (an explosion is its main trigger) and may switch the penalty on

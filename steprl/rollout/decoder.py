@@ -8,7 +8,10 @@ attention through repeated keys, ~30 small kernels per layer). This step runs th
 with fewer kernels: fused RMSNorm (`F.rms_norm`), grouped-query attention as two batched matmuls
 over the cache as it is (the query heads of one key head side by side, no copy of keys), one
 additive mask per step for all layers, and under LoRA the adapters merged into the weights once
-per weight version instead of three matmuls per projection per token.
+per weight version instead of three matmuls per projection per token. Other weights are read
+where they are, with `F.linear`: a decode step streams every weight from memory once, and no
+layout measured faster in the decode loop (oneDNN's packed copy, used before, was 5-10% slower
+on this machine and cost a second copy of the model; docs/benchmarks.md, "Eighth session").
 
 Per layer, with h the residual stream of the new token and t its position:
     x = rms_norm(h) * w_in;  q, k, v = x Wq, x Wk, x Wv;  q, k = rope(q, t), rope(k, t)
@@ -25,20 +28,6 @@ import torch.nn.functional as F
 from steprl.models.loading import unwrap_peft
 
 SUPPORTED = {"llama", "qwen2", "mistral"}
-PACK_MIN_SIZE = 1 << 18  # weights of at least this many entries get oneDNN's layout
-
-
-def pack(wb):
-    """A large (weight, bias) pair in oneDNN's blocked layout, for `torch._C._nn.mkldnn_linear`:
-    at decode batch sizes it reads a matrix ~1.2-2x faster than sgemm (SmolLM2's LM head: 12 ms
-    against 21 at 16 rows). Small matrices (the tiny model's) stay dense: there the layout
-    conversions of the input cost more than they save."""
-    weight, bias = wb
-    if weight.numel() < PACK_MIN_SIZE or not torch.backends.mkldnn.is_available():
-        return wb
-    return weight.to_mkldnn(), None if bias is None else bias.to_mkldnn()
-
-
 def effective_linear(module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight, bias) of a Linear as its forward applies it in eval mode: a PEFT LoRA layer's
     active adapters are merged into the base weight (W + scaling * B A); a plain Linear as is."""
@@ -76,11 +65,6 @@ class LlamaDecoder:
         self.embed = model.get_input_embeddings()
         head = model.get_output_embeddings()
         self.head = effective_linear(head) if type(head) is torch.nn.Linear else head
-        for w in self.layers:
-            for name in ("q", "k", "v", "o", "gate", "up", "down"):
-                w[name] = pack(w[name])
-        if isinstance(self.head, tuple):
-            self.head = pack(self.head)
 
     @staticmethod
     def supports(model) -> bool:
@@ -151,10 +135,7 @@ class LlamaDecoder:
 
     @staticmethod
     def linear(x: torch.Tensor, wb) -> torch.Tensor:
-        weight, bias = wb
-        if weight.is_mkldnn:
-            return torch._C._nn.mkldnn_linear(x.to_mkldnn(), weight, bias).to_dense()
-        return F.linear(x, weight, bias)
+        return F.linear(x, *wb)
 
 
 def attend(q, keys, values, bias, scale: float, shared: int = 0) -> torch.Tensor:

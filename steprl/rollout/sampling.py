@@ -16,7 +16,7 @@ What makes it faster than a plain loop (every trick keeps the computation exact)
   result fed into its own cache, one token per step, while the other rows decode, and is
   never prefilled again;
 * decode steps of Llama-family models run through `decoder.LlamaDecoder` (LoRA merged, large
-  weights in oneDNN's layout, grouped-query attention without copying keys, the shared stem's
+  weights stored transposed, grouped-query attention without copying keys, the shared stem's
   keys and values read once per step, not once per row); others through HF;
 * sampling draws one uniform number per row against the cumulative distribution
   (`inverse_cdf_sample`), not `torch.multinomial`, which costs ~16 ms per call at V = 49k;
@@ -185,28 +185,35 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 def shared_stems(prompts: list[list[int]]):
     """Split prompts that begin alike into a stem, prefilled once, and each row's own suffix.
 
-    The G samples of a GRPO prompt are identical on the first turn, and on later turns they still
-    begin with the same prompt (then each has its own turns and tool results). Sorted, such rows
-    are neighbours; we cut the sorted rows into runs that each share one stem (the run's common
-    prefix, leaving every row at least one suffix token to read its next-token logits from),
-    choosing the runs that save the most prefill tokens (a small dynamic programme over the cut
-    points). A run's stem covers at least half of its longest row, so the suffix pass (padded to
-    the longest suffix) stays short. Returns (stems, stem index per row, suffixes, prefill tokens saved).
+    Two levels of sharing. Every prompt of a rollout usually begins with the same system prompt
+    (and tool description): that beginning, common to all, starts every stem. After it, the G
+    samples of a GRPO prompt are identical on the first turn, and on later turns they still begin
+    with the same prompt (then each has its own turns and tool results). Sorted, such rows are
+    neighbours; we cut the sorted rows into runs that each share one stem (the run's common prefix,
+    leaving every row at least one suffix token to read its next-token logits from), choosing
+    the runs that save the most prefill tokens (a small dynamic programme over the cut points).
+    A run's stem covers at least half of its longest row after the common beginning, so the
+    suffix pass (padded to the longest suffix) stays short. When no run has two rows, the common
+    beginning is the one stem. `prefill` computes the common beginning once and each stem's rest
+    once. Returns (stems, stem index per row, suffixes, prefill tokens saved).
     """
     n = len(prompts)
     order = sorted(range(n), key=lambda i: prompts[i])
     lcp = [common_prefix(prompts[a], prompts[b]) for a, b in zip(order, order[1:])]
+    common = min(lcp + [len(p) - 1 for p in prompts]) if n > 1 else 0
     saved, start = [0] * (n + 1), list(range(-1, n))  # best over order[:j]; start of its last run
     for j in range(1, n + 1):
         saved[j], start[j] = saved[j - 1], j - 1
         k, longest = len(prompts[order[j - 1]]) - 1, len(prompts[order[j - 1]])
-        for i in range(j - 2, -1, -1):  # the run order[i:j] shares k tokens
+        for i in range(j - 2, -1, -1):  # the run order[i:j] shares k tokens, `common` of them with all
             k = min(k, lcp[i], len(prompts[order[i]]) - 1)
             longest = max(longest, len(prompts[order[i]]))
-            if 2 * k < longest:  # a short stem means long suffixes: padding eats the saving
+            if 2 * (k - common) < longest - common:  # a short stem means long suffixes: padding eats the saving
                 break
-            if saved[i] + (j - i - 1) * k > saved[j]:
-                saved[j], start[j] = saved[i] + (j - i - 1) * k, i
+            if saved[i] + (j - i - 1) * (k - common) > saved[j]:
+                saved[j], start[j] = saved[i] + (j - i - 1) * (k - common), i
+    if saved[n] == 0 and common:  # no two rows share more than the common beginning: one stem
+        return [prompts[0][:common]], torch.zeros(n, dtype=torch.long), [p[common:] for p in prompts], (n - 1) * common
     stems, stem_of, suffixes, j = [], [0] * n, [None] * n, n
     while j > 0:
         run = order[start[j]:j]
@@ -217,16 +224,18 @@ def shared_stems(prompts: list[list[int]]):
             stem_of[i], suffixes[i] = len(stems), prompts[i][k:]
         stems.append(prompts[run[0]][:k])
         j = start[j]
-    return stems, torch.tensor(stem_of, dtype=torch.long), suffixes, saved[n]
+    return stems, torch.tensor(stem_of, dtype=torch.long), suffixes, saved[n] + (n - 1) * common
 
 
 def prefill(model, prompts: list[list[int]], pad_id: int, max_new: int):
     """A cache holding every prompt, with room for `max_new` more tokens. Returns (cache, last
-    logits [B, V], attention mask [B, width], positions [B, width], shared), where the first
-    `shared` cache columns are the same unpadded stem in every row (0 if there is none).
+    logits [B, V], attention mask [B, width], positions of the last pass [B, w], shared), where
+    the first `shared` cache columns are the same unpadded tokens in every row (0 if none).
 
-    Rows that begin alike are prefilled in two passes: their shared stems once, then the stems'
-    cache rows are repeated and each row's suffix runs on top of its stem. Otherwise one pass.
+    Rows that begin alike are prefilled in up to three passes, each on top of the cache of the
+    one before: the beginning common to every stem (a system prompt, a tool description) once;
+    each stem's rest once (a GRPO group's prompt), the cache's rows repeated for its rows after;
+    each row's own suffix. Otherwise one pass.
     """
     stems, stem_of, suffixes, saved = shared_stems(prompts)
     if saved < len(prompts) or not all(stems):  # not worth a second pass
@@ -235,18 +244,38 @@ def prefill(model, prompts: list[list[int]], pad_id: int, max_new: int):
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
         return cache, out.logits[:, -1], mask, positions, 0
-    ids, stem_mask, positions = left_pad(stems, pad_id)
-    cache = new_cache(model, ids.shape[1] + max(len(s) for s in suffixes) + max_new)
-    model(input_ids=ids, attention_mask=stem_mask, position_ids=positions,
-          past_key_values=cache, use_cache=True, logits_to_keep=1)
+    u = len(stems)
+    common = len(stems[0]) if u == 1 else min(min(common_prefix(stems[0], x) for x in stems),
+                                               min(len(x) for x in stems) - 1)  # every stem keeps a token
+    if u > 1 and (u - 1) * common < MIN_SAVED_TOKENS:  # an extra pass costs more than it saves
+        common = 0
+    cache = new_cache(model, common + max(len(x) - common for x in stems) + max(len(x) for x in suffixes) + max_new)
+    past = torch.zeros(1 if common else u, 0, dtype=torch.long)  # the attention mask of what the cache holds
+    if common:
+        _, past, _ = extend(model, cache, [stems[0][:common]], past, pad_id)
+    if u > 1:
+        if common:
+            cache.batch_select_indices(torch.zeros(u, dtype=torch.long))
+            past = past.expand(u, -1)
+        _, past, _ = extend(model, cache, [x[common:] for x in stems], past, pad_id)
     cache.batch_select_indices(stem_of)
-    ids, suffix_mask, positions = left_pad(suffixes, pad_id)
-    positions = positions + stem_mask.sum(-1)[stem_of, None]  # the suffix continues its stem
-    mask = torch.cat([stem_mask[stem_of], suffix_mask], dim=1)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
-    shared = len(stems[0]) if len(stems) == 1 else 0  # one stem: no padding, the same in every row
-    return cache, out.logits[:, -1], mask, positions, shared
+    logits, mask, positions = extend(model, cache, suffixes, past[stem_of], pad_id)
+    return cache, logits[:, -1], mask, positions, common
+
+
+MIN_SAVED_TOKENS = 16  # a prefill pass is worth it when it spares at least this many tokens
+
+
+def extend(model, cache, seqs: list[list[int]], past: torch.Tensor, pad_id: int = 0, keep: int = 1):
+    """Run `seqs` (left-padded) through `model` on top of `cache`, whose rows have attention mask
+    `past` [B, L]; positions continue each row's sequence. Returns (logits of the last `keep`
+    positions, the attention mask now [B, L + w], the positions of the new tokens [B, w])."""
+    ids, mask, positions = left_pad(seqs, pad_id)
+    attn = torch.cat([past, mask], dim=1)
+    positions = positions + past.sum(-1, keepdim=True)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=cache,
+                use_cache=True, logits_to_keep=keep)
+    return out.logits, attn, positions
 
 
 @torch.inference_mode()
