@@ -118,7 +118,9 @@ def completion_logprobs(model, trajs: list[Trajectory], with_entropy: bool = Fal
     only (`completion_logits`).
     """
     width = max(len(t.ids) for t in trajs)
-    logits = completion_logits(model, trajs, width).float() / temperature
+    logits = completion_logits(model, trajs, width).float()
+    if temperature != 1.0:  # skipped at 1: a copy of [B, K, V] for nothing
+        logits = logits / temperature
     targets = right_aligned([t.ids for t in trajs], width, dtype=torch.long)
     logp = token_logprobs(logits, targets)
     entropy = entropy_from_logits(logits.detach()) if with_entropy else None
