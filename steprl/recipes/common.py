@@ -28,10 +28,11 @@ def keep_freed_memory() -> bool:
     By default an allocation of more than 128 KB-32 MB gets its own mmap and goes back to the OS
     when freed, so every training pass page-faults (and the kernel zeroes) its activations afresh:
     ~1.6 s of a 7 s LoRA forward + backward of SmolLM2 (docs/benchmarks.md, "Eighth session").
-    With mmap off and no trimming, the heap grows to the peak once and is reused. The peak is the
-    same; what changes is that freed memory stays resident until reused. Results do not change
-    (torch aligns its buffers itself). The RL recipes call it; elsewhere (other libcs) it does
-    nothing and returns False."""
+    With mmap off and no trimming, the heap grows to the peak once and is reused. Freed memory
+    stays resident until reused, and the heap fragments: the peak can grow (SmolLM2, LoRA, 16
+    sequences in one pass: 4.92 -> 5.44 GB; in micro-batches of 4: 2.37 -> 2.44 GB). Results do
+    not change (torch aligns its buffers itself). The RL recipes call it; elsewhere (other
+    libcs) it does nothing and returns False."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:

@@ -15,9 +15,9 @@ What makes it faster than a plain loop (every trick keeps the computation exact)
 * multi-turn episodes stay in the batch (`on_turn_end`): a row whose turn ends gets its tool
   result fed into its own cache, one token per step, while the other rows decode, and is
   never prefilled again;
-* decode steps of Llama-family models run through `decoder.LlamaDecoder` (LoRA merged, large
-  weights stored transposed, grouped-query attention without copying keys, the shared stem's
-  keys and values read once per step, not once per row); others through HF;
+* decode steps of Llama-family models run through `decoder.LlamaDecoder` (LoRA merged, the
+  model's own weights read in place, grouped-query attention without copying keys, the common
+  stem's keys and values read once per step, not once per row); others through HF;
 * sampling draws one uniform number per row against the cumulative distribution
   (`inverse_cdf_sample`), not `torch.multinomial`, which costs ~16 ms per call at V = 49k;
 * the EOS and stop-string bookkeeping is vectorised; the (slow) text check of stop strings only
@@ -227,6 +227,9 @@ def shared_stems(prompts: list[list[int]]):
     return stems, torch.tensor(stem_of, dtype=torch.long), suffixes, saved[n] + (n - 1) * common
 
 
+MIN_SAVED_TOKENS = 16  # a prefill pass is worth it when it spares at least this many tokens
+
+
 def prefill(model, prompts: list[list[int]], pad_id: int, max_new: int):
     """A cache holding every prompt, with room for `max_new` more tokens. Returns (cache, last
     logits [B, V], attention mask [B, width], positions of the last pass [B, w], shared), where
@@ -261,9 +264,6 @@ def prefill(model, prompts: list[list[int]], pad_id: int, max_new: int):
     cache.batch_select_indices(stem_of)
     logits, mask, positions = extend(model, cache, suffixes, past[stem_of], pad_id)
     return cache, logits[:, -1], mask, positions, common
-
-
-MIN_SAVED_TOKENS = 16  # a prefill pass is worth it when it spares at least this many tokens
 
 
 def extend(model, cache, seqs: list[list[int]], past: torch.Tensor, pad_id: int = 0, keep: int = 1):
