@@ -137,6 +137,48 @@ def test_shared_prompt_pass_equals_one_sequence_at_a_time(tiny, use_lora, system
         assert torch.allclose(g, dict(model.named_parameters())[name].grad, atol=1e-5, rtol=1e-4), name
 
 
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_micro_batches_share_the_beginning_and_give_the_one_pass_gradients(tiny, use_lora):
+    """Micro-batches of a minibatch whose prompts share a system prompt run it once (`Beginning`):
+    its keys and values collect every micro-batch's gradient, and one backward through it gives the
+    parameters the gradient of a single pass over all sequences. The reference pass shares it too."""
+    from steprl.models.loading import apply_lora
+
+    torch.manual_seed(0)
+    model = copy.deepcopy(tiny[0]).train()
+    if use_lora:
+        model = apply_lora(model, LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.data.normal_(0, 0.1)
+    trajs = grouped_trajectories(tiny[0].config.vocab_size, n_prompts=3, group=2, system=20)
+    width = max(len(t.ids) for t in trajs)
+    mask = right_aligned([t.mask for t in trajs], width)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        exact = batched_logprobs(model, trajs, batch_size=len(trajs))
+    old = (exact + 0.3 * torch.randn(exact.shape, generator=gen)) * mask
+    ref = (exact + 0.3 * torch.randn(exact.shape, generator=gen)) * mask
+    adv = torch.randn(len(trajs), 1, generator=gen).expand(len(trajs), width) * mask
+    g = GRPOConfig(max_new_tokens=16, max_turns=1)
+
+    calls = []
+    real_forward = model.forward
+    model.forward = lambda *a, **kw: calls.append(kw["input_ids"].shape) or real_forward(*a, **kw)
+    loss_micro, grad_micro, n_micro = gradients(model, trajs, mask, adv, old, ref, g, 2)
+    model.forward = real_forward
+    assert n_micro == 3 and calls[0] == (1, 20)  # the system prompt once, before the micro-batches
+    assert sum(1 for c in calls if c[1] == 20) == 1
+    loss_full, grad_full, _ = gradients(model, trajs, mask, adv, old, ref, g, len(trajs))
+    assert abs(loss_full - loss_micro) < 1e-5, (loss_full, loss_micro)
+    assert grad_full.keys() == grad_micro.keys() and grad_full
+    for name, gf in grad_full.items():
+        assert torch.allclose(gf, grad_micro[name], atol=1e-5, rtol=1e-4), (name, (gf - grad_micro[name]).abs().max())
+    with torch.no_grad():
+        assert torch.allclose(batched_logprobs(model, trajs, batch_size=2) * mask, exact * mask, atol=1e-5)
+
+
 def test_by_length_keeps_a_prompts_episodes_together(tiny):
     trajs = grouped_trajectories(tiny[0].config.vocab_size, n_prompts=4, group=3, seed=2)
     idx = list(range(len(trajs)))

@@ -68,7 +68,7 @@ def by_length(trajs: list[Trajectory], idx) -> list[int]:
     return sorted(idx, key=order)
 
 
-def completion_logits(model, trajs: list[Trajectory], width: int) -> torch.Tensor:
+def completion_logits(model, trajs: list[Trajectory], width: int, beginning=None) -> torch.Tensor:
     """Logits [B, width, V] that predict each completion token, completions right-aligned to `width`.
 
     What the rows share is computed once, in up to three passes through one KV cache, each run
@@ -82,7 +82,12 @@ def completion_logits(model, trajs: list[Trajectory], width: int) -> torch.Tenso
     gradient flows through the shared keys and values into every episode's loss. Passes 1 and 2
     are skipped when they would not save tokens (distinct prompts: one plain pass, LM head on
     the last width + 1 positions only).
+
+    `beginning` = (ids, [(keys, values) per layer]) replaces pass 1 with keys and values computed
+    once for several micro-batches (`Beginning`); every prompt must start with `ids`.
     """
+    if beginning is not None:
+        return logits_after_beginning(model, trajs, width, *beginning)
     index: dict[tuple, int] = {}
     stem_of = [index.setdefault(tuple(t.prompt_ids), len(index)) for t in trajs]
     bodies = [list(p[:-1]) for p in index]  # the last prompt token goes with the completion
@@ -110,7 +115,61 @@ def completion_logits(model, trajs: list[Trajectory], width: int) -> torch.Tenso
     return logits[:, :-1]
 
 
-def completion_logprobs(model, trajs: list[Trajectory], with_entropy: bool = False, temperature: float = 1.0):
+def logits_after_beginning(model, trajs: list[Trajectory], width: int, ids: list[int], kv) -> torch.Tensor:
+    """`completion_logits` on top of a beginning's keys and values `kv` (batch 1), passes 2 and 3."""
+    index: dict[tuple, int] = {}
+    stem_of = [index.setdefault(tuple(t.prompt_ids), len(index)) for t in trajs]
+    cache = DynamicCache(config=model.config)
+    for layer, (keys, values) in enumerate(kv):
+        cache.update(keys, values, layer)
+    cache.batch_select_indices(torch.zeros(len(index), dtype=torch.long))
+    past = torch.ones(len(index), len(ids), dtype=torch.long)
+    _, past, _ = extend(model, cache, [list(p[len(ids):-1]) for p in index], past)
+    rows = torch.tensor(stem_of)
+    cache.batch_select_indices(rows)
+    logits, _, _ = extend(model, cache, [[t.prompt_ids[-1]] + t.ids for t in trajs], past[rows], keep=width + 1)
+    return logits[:, :-1]
+
+
+class Beginning:
+    """The prompts' common beginning (a system prompt and tool description), run once for all the
+    micro-batches of a minibatch instead of once per micro-batch.
+
+    With gradients, its keys and values enter each micro-batch as leaves (`kv`), whose gradients
+    accumulate over the micro-batches; `backward()` then sends the sum through the beginning's
+    graph once. By the chain rule the parameters get the gradient of one pass over everything.
+    Empty (`ids` = []) when the prompts share fewer than MIN_BEGINNING tokens or there is one
+    micro-batch only (`completion_logits` then shares what it can within the pass).
+    """
+
+    MIN_BEGINNING = 16
+
+    def __init__(self, model, trajs: list[Trajectory], micro_batches: int):
+        prompts = [t.prompt_ids for t in trajs]
+        k = min(min(common_prefix(prompts[0], p) for p in prompts), min(len(p) for p in prompts) - 2)
+        checkpointing = getattr(model, "is_activation_checkpointing", False)  # it turns the cache off
+        self.ids = list(prompts[0][:k]) if micro_batches > 1 and k >= self.MIN_BEGINNING and not checkpointing else []
+        self.graph, self.kv = [], None
+        if self.ids:
+            out = model(input_ids=torch.tensor([self.ids]), use_cache=True, logits_to_keep=1)
+            self.graph = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            grad = torch.is_grad_enabled()
+            self.kv = [tuple(x.detach().requires_grad_(grad) for x in pair) for pair in self.graph]
+
+    def of(self):
+        """The `beginning` argument of completion_logits (None when there is none)."""
+        return (self.ids, self.kv) if self.ids else None
+
+    def backward(self) -> None:
+        """Send the gradients the micro-batches left on the keys and values through the beginning."""
+        pairs = [(x, leaf.grad) for pair, leaves in zip(self.graph, self.kv or [])
+                 for x, leaf in zip(pair, leaves) if leaf.grad is not None]
+        if pairs and pairs[0][0].requires_grad:
+            torch.autograd.backward([x for x, _ in pairs], [g for _, g in pairs])
+
+
+def completion_logprobs(model, trajs: list[Trajectory], with_entropy: bool = False, temperature: float = 1.0,
+                        beginning=None):
     """Log-probs of every completion token under softmax(logits / T), [B, K] right-aligned,
     K = longest completion. T must be the sampling temperature, so that the first ratio is 1.
 
@@ -118,7 +177,7 @@ def completion_logprobs(model, trajs: list[Trajectory], with_entropy: bool = Fal
     only (`completion_logits`).
     """
     width = max(len(t.ids) for t in trajs)
-    logits = completion_logits(model, trajs, width).float()
+    logits = completion_logits(model, trajs, width, beginning).float()
     if temperature != 1.0:  # skipped at 1: a copy of [B, K, V] for nothing
         logits = logits / temperature
     targets = right_aligned([t.ids for t in trajs], width, dtype=torch.long)
@@ -184,9 +243,10 @@ def log_samples(samples_file, tokenizer, trajs: list[Trajectory], rng, n: int, s
 
 # ---------------------------------------------------------------------------- the stage
 
-def policy_loss(model, mb, cols, mask, advantages, old_logp, ref_logp, g, knobs, scale: float):
+def policy_loss(model, mb, cols, mask, advantages, old_logp, ref_logp, g, knobs, scale: float, beginning=None):
     """Loss of one micro-batch (already scaled for gradient accumulation) and its statistics."""
-    logp, entropy = completion_logprobs(model, mb, with_entropy=True, temperature=g.temperature)
+    logp, entropy = completion_logprobs(model, mb, with_entropy=True, temperature=g.temperature,
+                                        beginning=beginning)
     m, a, old = mask[:, cols], advantages[:, cols], old_logp[:, cols]
     per_token = clipped_surrogate(logp, old, a, g.epsilon, clip_eps_high=g.epsilon_high)
     kl = torch.zeros_like(logp)
@@ -227,18 +287,21 @@ def minibatch_backward(model, trajs, mb_idx, mask, advantages, old_logp, ref_log
     total, stats = 0.0, []
     width = mask.shape[1]
     order = by_length(trajs, mb_idx)
-    for lo in range(0, len(order), knobs.micro_batch_size):
+    starts = range(0, len(order), knobs.micro_batch_size)
+    beginning = Beginning(model, [trajs[i] for i in order], len(starts))
+    for lo in starts:
         idx = order[lo:lo + knobs.micro_batch_size]
         mb = [trajs[i] for i in idx]
         cols = slice(width - max(len(t.ids) for t in mb), width)
         scale = accumulation_scale(g, mask[idx], mask[mb_idx])
         loss, s = policy_loss(model, mb, cols, mask[idx], advantages[idx], old_logp[idx],
-                              None if ref_logp is None else ref_logp[idx], g, knobs, scale)
+                              None if ref_logp is None else ref_logp[idx], g, knobs, scale, beginning.of())
         if not torch.isfinite(loss):
             return None
         loss.backward()
         total += loss.item()
         stats.append(s)
+    beginning.backward()
     return total, stats
 
 
@@ -382,9 +445,12 @@ def batched_logprobs(model, trajs: list[Trajectory], batch_size: int, temperatur
     width = max(len(t.ids) for t in trajs)
     out = torch.zeros(len(trajs), width)
     order = by_length(trajs, range(len(trajs)))
-    for lo in range(0, len(order), batch_size):
+    starts = range(0, len(order), batch_size)
+    beginning = Beginning(model, trajs, len(starts))
+    for lo in starts:
         idx = order[lo:lo + batch_size]
-        logp, _ = completion_logprobs(model, [trajs[i] for i in idx], temperature=temperature)
+        logp, _ = completion_logprobs(model, [trajs[i] for i in idx], temperature=temperature,
+                                      beginning=beginning.of())
         out[idx, width - logp.shape[1]:] = logp
     return out
 
