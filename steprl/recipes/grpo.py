@@ -11,7 +11,8 @@
               or by a constant ("dr_grpo"); observation tokens (mask 0) never count.
  5. update    num_iterations passes over the batch in minibatches, gradient clipping. A minibatch
               runs in micro-batches of similar length (sorted by prompt + completion), so that
-              left-padding each to its longest costs little; the loss is the same for any grouping.
+              left-padding each to its longest costs little; the prompts' common beginning runs
+              once per minibatch (`Beginning`); the loss is the same for any grouping.
 
 Under LoRA the reference policy is the same network with its adapters disabled: no second copy.
 """
