@@ -87,45 +87,35 @@ def completion_logits(model, trajs: list[Trajectory], width: int, beginning=None
     `beginning` = (ids, [(keys, values) per layer]) replaces pass 1 with keys and values computed
     once for several micro-batches (`Beginning`); every prompt must start with `ids`.
     """
-    if beginning is not None:
-        return logits_after_beginning(model, trajs, width, *beginning)
     index: dict[tuple, int] = {}
     stem_of = [index.setdefault(tuple(t.prompt_ids), len(index)) for t in trajs]
     bodies = [list(p[:-1]) for p in index]  # the last prompt token goes with the completion
-    shared = min(common_prefix(bodies[0], b) for b in bodies)
-    common = min(shared, min(len(b) for b in bodies) - 1)  # every prompt keeps a token
     n, u = len(trajs), len(bodies)
-    cost = {"plain": n * max(len(t.prompt_ids) + len(t.ids) for t in trajs),
-            "per_prompt": u * max(len(b) for b in bodies) + n * (width + 1),
-            "common": common + u * max(len(b) - common for b in bodies) + n * (width + 1)}
-    plan = min(cost, key=cost.get)
-    checkpointing = getattr(model, "is_activation_checkpointing", False)  # it turns the cache off
-    if plan == "plain" or min(len(b) for b in bodies) < 1 or checkpointing:
-        ids, attn, pos = left_pad([t.prompt_ids + t.ids for t in trajs], pad_id=0)
-        return model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=width + 1).logits[:, :-1]
     cache = DynamicCache(config=model.config)
-    past = torch.zeros(u, 0, dtype=torch.long)  # the attention mask of what the cache holds
-    if plan == "common" and common > 0:
-        _, past, _ = extend(model, cache, [bodies[0][:common]], past[:1])
+    if beginning is not None:  # pass 1 done already: its keys and values seed the cache
+        ids, kv = beginning
+        for layer, (keys, values) in enumerate(kv):
+            cache.update(keys, values, layer)
         cache.batch_select_indices(torch.zeros(u, dtype=torch.long))
-        bodies, past = [b[common:] for b in bodies], past.expand(u, -1)
+        bodies, past = [b[len(ids):] for b in bodies], torch.ones(u, len(ids), dtype=torch.long)
+    else:
+        shared = min(common_prefix(bodies[0], b) for b in bodies)
+        common = min(shared, min(len(b) for b in bodies) - 1)  # every prompt keeps a token
+        cost = {"plain": n * max(len(t.prompt_ids) + len(t.ids) for t in trajs),
+                "per_prompt": u * max(len(b) for b in bodies) + n * (width + 1),
+                "common": common + u * max(len(b) - common for b in bodies) + n * (width + 1)}
+        plan = min(cost, key=cost.get)
+        checkpointing = getattr(model, "is_activation_checkpointing", False)  # it turns the cache off
+        if plan == "plain" or min(len(b) for b in bodies) < 1 or checkpointing:
+            ids, attn, pos = left_pad([t.prompt_ids + t.ids for t in trajs], pad_id=0)
+            return model(input_ids=ids, attention_mask=attn, position_ids=pos,
+                         logits_to_keep=width + 1).logits[:, :-1]
+        past = torch.zeros(u, 0, dtype=torch.long)  # the attention mask of what the cache holds
+        if plan == "common" and common > 0:
+            _, past, _ = extend(model, cache, [bodies[0][:common]], past[:1])
+            cache.batch_select_indices(torch.zeros(u, dtype=torch.long))
+            bodies, past = [b[common:] for b in bodies], past.expand(u, -1)
     _, past, _ = extend(model, cache, bodies, past)
-    rows = torch.tensor(stem_of)
-    cache.batch_select_indices(rows)
-    logits, _, _ = extend(model, cache, [[t.prompt_ids[-1]] + t.ids for t in trajs], past[rows], keep=width + 1)
-    return logits[:, :-1]
-
-
-def logits_after_beginning(model, trajs: list[Trajectory], width: int, ids: list[int], kv) -> torch.Tensor:
-    """`completion_logits` on top of a beginning's keys and values `kv` (batch 1), passes 2 and 3."""
-    index: dict[tuple, int] = {}
-    stem_of = [index.setdefault(tuple(t.prompt_ids), len(index)) for t in trajs]
-    cache = DynamicCache(config=model.config)
-    for layer, (keys, values) in enumerate(kv):
-        cache.update(keys, values, layer)
-    cache.batch_select_indices(torch.zeros(len(index), dtype=torch.long))
-    past = torch.ones(len(index), len(ids), dtype=torch.long)
-    _, past, _ = extend(model, cache, [list(p[len(ids):-1]) for p in index], past)
     rows = torch.tensor(stem_of)
     cache.batch_select_indices(rows)
     logits, _, _ = extend(model, cache, [[t.prompt_ids[-1]] + t.ids for t in trajs], past[rows], keep=width + 1)

@@ -10,7 +10,7 @@ over the cache as it is (the query heads of one key head side by side, no copy o
 additive mask per step for all layers, and under LoRA the adapters merged into the weights once
 per weight version instead of three matmuls per projection per token. Other weights are read
 where they are, with `F.linear`: a decode step streams every weight from memory once, and no
-layout measured faster in the decode loop (oneDNN's packed copy, used before, was 5-10% slower
+layout measured faster in the decode loop (oneDNN's packed copy, used before, was 5-20% slower
 on this machine and cost a second copy of the model; docs/benchmarks.md, "Eighth session").
 
 Per layer, with h the residual stream of the new token and t its position:

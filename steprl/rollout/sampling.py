@@ -242,11 +242,9 @@ def prefill(model, prompts: list[list[int]], pad_id: int, max_new: int):
     """
     stems, stem_of, suffixes, saved = shared_stems(prompts)
     if saved < len(prompts) or not all(stems):  # not worth a second pass
-        ids, mask, positions = left_pad(prompts, pad_id)
-        cache = new_cache(model, ids.shape[1] + max_new)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return cache, out.logits[:, -1], mask, positions, 0
+        cache = new_cache(model, max(len(p) for p in prompts) + max_new)
+        logits, mask, positions = extend(model, cache, prompts, torch.zeros(len(prompts), 0, dtype=torch.long), pad_id)
+        return cache, logits[:, -1], mask, positions, 0
     u = len(stems)
     common = len(stems[0]) if u == 1 else min(min(common_prefix(stems[0], x) for x in stems),
                                                min(len(x) for x in stems) - 1)  # every stem keeps a token
