@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import ctypes
 import dataclasses
 import gc
@@ -328,9 +327,10 @@ def bench_grpo_ours(name, factory, lora: bool, s: dict, repeats: int, peak_gflop
                     kl_coef: float = 0.04, lr: float = 1e-6, max_turns: int = 1, micro_batch_size: int = 0) -> dict:
     """`grpo_step` timed: one warm-up step, then `repeats` steps; the rollout's share from the step's
     own `rollout_time`, the passes (reference + update) are the rest. Peak RSS of the steps alone
-    (model, reference copy and optimiser state resident) and of the whole part (loading included)."""
+    (model, reference and optimiser state resident) and of the whole part (loading included)."""
     from steprl.config import LoraConfig, RunConfig, TaskConfig, validate
     from steprl.models.loading import apply_lora
+    from steprl.models.mapped import frozen_reference
     from steprl.monitor.autofix import Knobs
     from steprl.recipes.common import adamw
     from steprl.recipes.evaluate import tool_setup
@@ -356,7 +356,7 @@ def bench_grpo_ours(name, factory, lora: bool, s: dict, repeats: int, peak_gflop
     if lora:
         model = apply_lora(model, g.lora)
     elif g.kl_coef > 0:
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        ref_model = frozen_reference(model, model.name_or_path)  # as the recipes build it
     P_A = lora_params(model) if lora else 0
     task = get_task("calc")
     tools, renderer, suffix = tool_setup(task, tok)

@@ -28,6 +28,7 @@ from steprl.algos import (aggregate_loss, clipped_surrogate, entropy_from_logits
                           kl_penalty, token_logprobs, trajectory_returns, turn_level_group_advantages)
 from steprl.config import RunConfig
 from steprl.models.loading import is_peft, save_checkpoint
+from steprl.models.mapped import release_reference
 from steprl.monitor import MetricsLogger
 from steprl.monitor.autofix import AutoFixer, Knobs, handle_oom
 from steprl.recipes.common import (Timer, cosine_lr, keep_freed_memory, mark_done, progress_bar, save_state,
@@ -39,6 +40,8 @@ from steprl.rollout.decoder import LlamaDecoder
 from steprl.rollout.episodes import Trajectory, run_episodes
 from steprl.rollout.sampling import SamplingParams, common_prefix, extend, left_pad
 from steprl.tasks import get_task
+
+REFERENCE_BATCHES = 4  # training micro-batches per reference pass (see reference_logprobs)
 
 
 # ---------------------------------------------------------------------------- batching
@@ -446,11 +449,20 @@ def batched_logprobs(model, trajs: list[Trajectory], batch_size: int, temperatur
     return out
 
 
-def reference_logprobs(model, ref_model, trajs: list[Trajectory], batch_size: int,
+def reference_logprobs(model, ref_model, trajs: list[Trajectory], micro_batch_size: int,
                        temperature: float = 1.0) -> torch.Tensor:
     """Log-probs under the reference policy: the same network with its LoRA adapters disabled,
-    or, for full fine-tuning, the frozen copy `ref_model`."""
+    or, for full fine-tuning, the frozen copy `ref_model` (a mapped one gives its pages back
+    after each module, so that they are not resident on top of the heap's high-water mark).
+
+    The pass holds no activations for a backward, so it runs REFERENCE_BATCHES micro-batches at
+    once: its memory is mostly the logits ([B, K, V], log-probs taken one row at a time), below a
+    training micro-batch's saved activations, and larger batches run the matmuls faster (SmolLM2,
+    16 sequences: 1.74 s in one pass against 2.17 s in 4)."""
+    batch_size = REFERENCE_BATCHES * micro_batch_size
     if is_peft(model):
         with model.disable_adapter():
             return batched_logprobs(model, trajs, batch_size, temperature)
-    return batched_logprobs(ref_model, trajs, batch_size, temperature)
+    logp = batched_logprobs(ref_model, trajs, batch_size, temperature)
+    release_reference(ref_model)
+    return logp

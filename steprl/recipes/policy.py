@@ -6,7 +6,6 @@ which random numbers LoRA's initialisation draws and so the results of a seed.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -15,6 +14,7 @@ import torch
 
 from steprl.config import LoraConfig, RunConfig
 from steprl.models.loading import apply_lora, is_peft, load_policy, resolve
+from steprl.models.mapped import frozen_reference
 from steprl.recipes.common import adamw, load_state
 from steprl.recipes.sft import previous_checkpoint
 
@@ -48,7 +48,7 @@ def setup_policy(cfg: RunConfig, stage: str, lora: LoraConfig, learning_rate: fl
     if lora.enabled:
         model = apply_lora(model, lora)
     elif need_ref:
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        ref_model = frozen_reference(model, base)  # views into the checkpoint file when it is plain
     state = load_state(ckpt) if ckpt.is_dir() else None
     if state:
         load_weights(model, ckpt)
