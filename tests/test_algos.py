@@ -20,6 +20,7 @@ from steprl.algos import (
     gae,
     group_advantages,
     kl_penalty,
+    logprobs_and_entropy,
     masked_mean,
     masked_whiten,
     token_logprobs,
@@ -587,6 +588,27 @@ def test_token_logprobs_by_hand_and_reference():
         close(token_logprobs(logits, tokens), ref)
     # large logits: no overflow; fp32 resolution at 1000 is ~6e-5
     close(token_logprobs(torch.tensor([[1000.0, 1000.0]]), torch.tensor([0])), [math.log(0.5)], tol=2e-4)
+
+
+def test_logprobs_and_entropy_by_hand_and_gradient_formula():
+    # logits [0, ln 3] -> p = [0.25, 0.75]: log p(1) = ln 0.75 = -0.287682, H = 0.562335
+    logp, ent = logprobs_and_entropy(torch.tensor([[[0.0, math.log(3)]]]), torch.tensor([[1]]))
+    close(logp, [[math.log(0.75)]])
+    close(ent, [[-(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]])
+    logits = (torch.randn(3, 4, 11) * 5).requires_grad_(True)
+    tokens = torch.randint(0, 11, (3, 4))
+    logp, ent = logprobs_and_entropy(logits, tokens)
+    assert logp.shape == ent.shape == (3, 4) and not ent.requires_grad
+    close(ent, entropy_from_logits(logits.detach()))
+    # d log p_t / d z_j = 1[j = t] - p_j, written out rather than through another autograd graph
+    (grad,) = torch.autograd.grad(logp.sum(), logits)
+    p = torch.exp(logits.detach() - logits.detach().max(-1, keepdim=True).values)
+    p = p / p.sum(-1, keepdim=True)
+    close(grad, torch.nn.functional.one_hot(tokens, 11).float() - p)
+    assert logprobs_and_entropy(logits, tokens, with_entropy=False)[1] is None
+    logp, ent = logprobs_and_entropy(torch.tensor([[1000.0, 1000.0]]), torch.tensor([0]))  # no overflow
+    close(logp, [math.log(0.5)], tol=2e-4)
+    close(ent, [math.log(2)], tol=2e-4)
 
 
 # ---------------------------------------------------------------------------------------------

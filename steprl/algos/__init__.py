@@ -17,6 +17,7 @@ from steprl.algos.losses import (
     clipped_value_loss,
     entropy_from_logits,
     kl_penalty,
+    logprobs_and_entropy,
     token_logprobs,
 )
 
@@ -35,6 +36,7 @@ __all__ = [
     "clipped_value_loss",
     "entropy_from_logits",
     "token_logprobs",
+    "logprobs_and_entropy",
     "FixedKLController",
     "AdaptiveKLController",
 ]

@@ -24,8 +24,8 @@ import random
 import torch
 from transformers.cache_utils import DynamicCache
 
-from steprl.algos import (aggregate_loss, clipped_surrogate, entropy_from_logits, group_advantages,
-                          kl_penalty, token_logprobs, trajectory_returns, turn_level_group_advantages)
+from steprl.algos import (aggregate_loss, clipped_surrogate, entropy_from_logits, group_advantages, kl_penalty,
+                          logprobs_and_entropy, token_logprobs, trajectory_returns, turn_level_group_advantages)
 from steprl.config import RunConfig
 from steprl.models.loading import is_peft, save_checkpoint
 from steprl.models.mapped import release_reference
@@ -175,9 +175,9 @@ def completion_logprobs(model, trajs: list[Trajectory], with_entropy: bool = Fal
     if temperature != 1.0:  # skipped at 1: a copy of [B, K, V] for nothing
         logits = logits / temperature
     targets = right_aligned([t.ids for t in trajs], width, dtype=torch.long)
-    logp = token_logprobs(logits, targets)
-    entropy = entropy_from_logits(logits.detach()) if with_entropy else None
-    return logp, entropy
+    if not torch.is_grad_enabled():  # reference / old log-probs: never the [B, K, V] log-softmax
+        return token_logprobs(logits, targets), (entropy_from_logits(logits) if with_entropy else None)
+    return logprobs_and_entropy(logits, targets, with_entropy)
 
 
 def token_advantages(trajs: list[Trajectory], g, width: int) -> torch.Tensor:

@@ -45,8 +45,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from steprl.algos import (AdaptiveKLController, FixedKLController, aggregate_loss, clipped_surrogate,
-                          clipped_value_loss, discounted_returns, entropy_from_logits, gae, kl_penalty,
-                          masked_mean, masked_whiten, token_logprobs)
+                          clipped_value_loss, discounted_returns, gae, kl_penalty, logprobs_and_entropy,
+                          masked_mean, masked_whiten)
 from steprl.config import RunConfig
 from steprl.models.loading import save_checkpoint, unwrap_peft
 from steprl.monitor import MetricsLogger
@@ -109,7 +109,8 @@ def policy_forward(model, trajs, head=None, temperature: float = 1.0):
     hidden = completion_hidden(base.get_decoder(), trajs)
     logits = base.get_output_embeddings()(hidden).float() / temperature
     targets = right_aligned([t.ids for t in trajs], hidden.shape[1], dtype=torch.long)
-    return token_logprobs(logits, targets), entropy_from_logits(logits.detach()), head(hidden)
+    logp, entropy = logprobs_and_entropy(logits, targets)
+    return logp, entropy, head(hidden)
 
 
 @torch.no_grad()
