@@ -3,7 +3,8 @@
 (what `rollout.decoder` does), oneDNN's packed copies (`mkldnn_linear`, what it did before the eighth
 session), or transposed copies (`x @ W^T`). Two measurements:
 
-  1. the real thing: SmolLM2 generation (64 sampled tokens), each layout in turn, interleaved;
+  1. the real thing: SmolLM2 generation (64 sampled tokens), each layout in turn, interleaved
+     ("MKL packed" is the decoder's own packing, LM head included, packing time included);
   2. one layer shape streamed from memory: 60 different [1536, 576] weights (212 MB, more than any
      cache), so each is read from DRAM as in a decode step, against the machine's read bandwidth.
 
@@ -36,10 +37,19 @@ def transposed(x, wb):
     return x @ wb[0]
 
 
+ROWS = 16  # the batch the MKL-packed layout is packed for (main sets it)
+
+
+def mkl_packed(x, wb):
+    packed, weight = wb[0]
+    return torch.ops.mkl._mkl_linear(x, packed, weight, None, ROWS)
+
+
 LAYOUTS = {  # name: (how a weight is stored, how the step applies it)
     "F.linear": (None, None),
     "oneDNN": (lambda w: w.to_mkldnn(), onednn),
     "transposed": (lambda w: w.t().contiguous(), transposed),
+    "MKL packed": (lambda w: (torch.ops.mkl._mkl_reorder_linear_weight(w, ROWS), w), mkl_packed),
 }
 
 
@@ -85,10 +95,12 @@ def main() -> None:
     ap.add_argument("--group", type=int, default=4, help="rows per prompt (the GRPO shape)")
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
+    global ROWS
+    ROWS = a.batch
 
     plain_linear = dec.LlamaDecoder.linear
-    dec.LlamaDecoder.linear = staticmethod(lambda x, wb: wb.apply(x, wb) if isinstance(wb, _Applied)
-                                           else plain_linear(x, wb))
+    dec.LlamaDecoder.linear = lambda self, x, wb: (wb.apply(x, wb) if isinstance(wb, _Applied)
+                                                   else plain_linear(self, x, wb))
     model, tok = bench.smollm2_factory()()
     prompts, _, _ = bench.task_prompts(tok, a.batch)
     rows = [p for p in prompts[:a.batch // a.group] for _ in range(a.group)]
@@ -98,7 +110,8 @@ def main() -> None:
         for r in range(a.repeats + 1):  # round 0 warms up
             for name in (list(LAYOUTS) if r % 2 else list(LAYOUTS)[::-1]):
                 dec.LlamaDecoder.forget(model)
-                use_layout(dec.LlamaDecoder.for_model(model), name)
+                dec.MKL_PACKED = name == "MKL packed"  # the decoder's own packing (its head too)
+                use_layout(dec.LlamaDecoder.for_model(model), "F.linear" if dec.MKL_PACKED else name)
                 t = time.perf_counter()
                 generate(model, tok, rows, params, stop=bench.NoStop(), generator=torch.Generator().manual_seed(0))
                 if r:
@@ -115,6 +128,7 @@ def main() -> None:
     print(f"read bandwidth (sum of 540 MB): {read:.1f} GB/s")
     nbytes = 60 * 1536 * 576 * 4
     for M in (1, 16, 64):
+        ROWS = M
         line = ", ".join(f"{how} {nbytes / streamed(M, how) / 1e9:5.1f} GB/s" for how in LAYOUTS)
         print(f"  60 weights [1536, 576] streamed at {M:2d} rows: {line}")
 

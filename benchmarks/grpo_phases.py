@@ -7,7 +7,7 @@
 Phases: rollout (prefill + decode), reference (the KL reference's log-probs), forward (the
 training forward, inside forward+backward), forward+backward, optimizer. The first step is a
 warm-up and is printed apart. --default-malloc leaves glibc's malloc as it is; without it the
-step runs as the RL recipes run it (`recipes.common.keep_freed_memory`).
+step runs as the RL recipes run it (`memory.keep_freed_memory`).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import run as bench  # noqa: E402  (the benchmark's set-up: offline, same step, 
 import torch  # noqa: E402
 
 from steprl.recipes import grpo  # noqa: E402
-from steprl.recipes.common import keep_freed_memory  # noqa: E402
+from steprl.memory import keep_freed_memory  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

@@ -624,7 +624,7 @@ def main(argv=None) -> int:
                     help="comma-separated parts to run: gen (generation), grpo (our step), trl (TRL's step)")
     ap.add_argument("--default-malloc", action="store_true",
                     help="leave glibc's malloc at its defaults. Without it the whole process, peers included, "
-                         "runs with the setting steprl's RL recipes use (recipes.common.keep_freed_memory)")
+                         "runs with the setting steprl's RL recipes use (memory.keep_freed_memory)")
     ap.add_argument("--skip-smollm2", action="store_true", help="tiny model only (GRPO on the tiny model)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats (median), after one warm-up")
     ap.add_argument("--batches", default="16,64", help="generation batch sizes")
@@ -651,7 +651,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     parts = set(a.parts.split(","))
     if not a.default_malloc:
-        from steprl.recipes.common import keep_freed_memory
+        from steprl.memory import keep_freed_memory
 
         keep_freed_memory()  # process-wide: HF generate and TRL run under it too
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None

@@ -1,6 +1,6 @@
 """The rollout engine's own decode step (`steprl.rollout.decoder`) computes what HF's forward
-computes: the same logits from the same cache, with LoRA adapters merged, in oneDNN's packed
-layout, and again after the weights change. And the sampler draws from the right distribution."""
+computes: the same logits from the same cache, with LoRA adapters merged, with weights packed for
+MKL, and again after the weights change. And the sampler draws from the right distribution."""
 import copy
 
 import pytest
@@ -26,9 +26,9 @@ def lora_model(tiny, seed=0):
     return model.eval()
 
 
-def step_logits_both_ways(model, tok, decoder):
+def step_logits_both_ways(model, tok, decoder, texts=PROMPTS):
     """Logits of three decode steps from our step and from HF's forward, each on its own cache."""
-    prompts = [tok(t)["input_ids"] for t in PROMPTS]
+    prompts = [tok(t)["input_ids"] for t in texts]
     out = []
     for use_ours in (True, False):
         with torch.inference_mode():
@@ -43,7 +43,7 @@ def step_logits_both_ways(model, tok, decoder):
                     logits = model(input_ids=new[:, None], attention_mask=m, position_ids=nxt[:, None],
                                    past_key_values=cache, use_cache=True).logits[:, -1]
                 seen.append(logits)
-                nxt, new = nxt + 1, torch.tensor([5, 9, 17])  # fixed next tokens: both sides read the same
+                nxt, new = nxt + 1, torch.tensor([5, 9, 17] * 4)[:len(prompts)]  # both sides read the same
         out.append(torch.stack(seen))
     return out
 
@@ -75,6 +75,27 @@ def test_decoder_reads_the_model_weights_and_copies_only_merged_ones(tiny):
     att = model.base_model.model.model.layers[0].self_attn
     assert adapted.layers[0]["o"][0].data_ptr() == att.o_proj.weight.data_ptr()
     assert adapted.layers[0]["q"][0].data_ptr() != att.q_proj.base_layer.weight.data_ptr()
+
+
+def test_packed_weights_serve_their_batch_size_and_plain_ones_the_rest(tiny):
+    """A batch of >= MIN_PACKED_ROWS rows packs every weight for MKL's packed GEMM at that size:
+    the logits stay HF's; other sizes (rows that left the batch) go through F.linear, exactly."""
+    if not dec.MKL_PACKED:
+        pytest.skip("this torch has no MKL packed GEMM")
+    model, tok = lora_model(tiny), tiny[1]
+    texts = (PROMPTS * 3)[:dec.MIN_PACKED_ROWS + 1]
+    decoder = LlamaDecoder.for_model(model)
+    ours, hf = step_logits_both_ways(model, tok, decoder, texts)
+    torch.testing.assert_close(ours, hf, atol=1e-4, rtol=1e-4)
+    assert decoder.packed_rows == len(texts)
+    assert len(decoder.packed) == 7 * len(decoder.layers) + isinstance(decoder.head, tuple)
+    w = decoder.layers[0]["up"]
+    x = torch.randn(len(texts), w[0].shape[1])
+    torch.testing.assert_close(decoder.linear(x, w), torch.nn.functional.linear(x, *w), atol=1e-5, rtol=1e-5)
+    assert torch.equal(decoder.linear(x[:3], w), torch.nn.functional.linear(x[:3], *w))  # not packed for 3
+    small = LlamaDecoder(model)
+    step_logits_both_ways(model, tok, small)  # 3 rows: below MIN_PACKED_ROWS, nothing packed
+    assert small.packed_rows == 0 and not small.packed
 
 
 def test_decoder_follows_weight_updates_and_stays_out_of_training(tiny):

@@ -30,14 +30,15 @@ def test_wsd_lr_by_hand():
 
 KEPT = """
 import torch
-from steprl.recipes.common import keep_freed_memory
+from steprl.memory import keep_freed_memory, own_mappings
 
 def resident():
     return int(open("/proc/self/statm").read().split()[1]) * 4096
 
 if KEEP:
     assert keep_freed_memory()
-x = torch.ones(1 << 24)  # 64 MB: above glibc's mmap threshold
+with own_mappings() if OWN else open("/dev/null"):
+    x = torch.ones(1 << 24)  # 64 MB: above glibc's mmap threshold
 before = resident()
 del x
 print(before - resident())
@@ -47,9 +48,11 @@ print(before - resident())
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_keep_freed_memory_keeps_a_large_freed_tensor_resident():
     """By default glibc gives a freed 64 MB block back to the OS at once (the next pass page-faults
-    it again); after keep_freed_memory() it stays in the heap for reuse."""
+    it again); after keep_freed_memory() it stays in the heap for reuse, unless it was allocated
+    inside own_mappings()."""
     released = {}
-    for keep in (False, True):
-        out = subprocess.run([sys.executable, "-c", f"KEEP = {keep}" + KEPT], capture_output=True, text=True, check=True)
-        released[keep] = int(out.stdout.strip())
-    assert released[False] > 60e6 and released[True] < 4e6, released
+    for keep, own in ((False, False), (True, False), (True, True)):
+        code = f"KEEP, OWN = {keep}, {own}" + KEPT
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        released[keep, own] = int(out.stdout.strip())
+    assert released[False, False] > 60e6 and released[True, False] < 4e6 and released[True, True] > 60e6, released

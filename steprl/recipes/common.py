@@ -1,7 +1,6 @@
 """Small pieces every recipe uses: seeding, stage directories, schedules, resumable state."""
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
@@ -20,26 +19,6 @@ def setup_torch(cfg: RunConfig) -> None:
         torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS.
-
-    By default an allocation of more than 128 KB-32 MB gets its own mmap and goes back to the OS
-    when freed, so every training pass page-faults (and the kernel zeroes) its activations afresh:
-    ~1.6 s of a 7 s LoRA forward + backward of SmolLM2 (docs/benchmarks.md, "Eighth session").
-    With mmap off and no trimming, the heap grows to the peak once and is reused. Freed memory
-    stays resident until reused, and the heap fragments: the peak can grow (SmolLM2, LoRA, 16
-    sequences in one pass: 4.92 -> 5.44 GB; in micro-batches of 4: 2.37 -> 2.44 GB). Results do
-    not change (torch aligns its buffers itself). The RL recipes call it; elsewhere (other
-    libcs) it does nothing and returns False."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_top_pad, m_mmap_max = -1, -2, -4  # mallopt's parameter numbers (malloc.h)
-    return all(libc.mallopt(param, value) == 1 for param, value in
-               ((m_mmap_max, 0), (m_trim_threshold, 2 ** 31 - 1), (m_top_pad, 64 << 20)))
 
 
 def stage_dir(cfg: RunConfig, stage: str) -> Path:

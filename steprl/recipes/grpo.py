@@ -27,11 +27,12 @@ from transformers.cache_utils import DynamicCache
 from steprl.algos import (aggregate_loss, clipped_surrogate, entropy_from_logits, group_advantages, kl_penalty,
                           logprobs_and_entropy, token_logprobs, trajectory_returns, turn_level_group_advantages)
 from steprl.config import RunConfig
+from steprl.memory import keep_freed_memory
 from steprl.models.loading import is_peft, save_checkpoint
 from steprl.models.mapped import release_reference
 from steprl.monitor import MetricsLogger
 from steprl.monitor.autofix import AutoFixer, Knobs, handle_oom
-from steprl.recipes.common import (Timer, cosine_lr, keep_freed_memory, mark_done, progress_bar, save_state,
+from steprl.recipes.common import (Timer, cosine_lr, mark_done, progress_bar, save_state,
                                    set_lr, setup_torch, stage_dir)
 from steprl.recipes.evaluate import make_envs, tool_setup
 from steprl.recipes.policy import setup_policy

@@ -48,10 +48,11 @@ from steprl.algos import (AdaptiveKLController, FixedKLController, aggregate_los
                           clipped_value_loss, discounted_returns, gae, kl_penalty, logprobs_and_entropy,
                           masked_mean, masked_whiten)
 from steprl.config import RunConfig
+from steprl.memory import keep_freed_memory
 from steprl.models.loading import save_checkpoint, unwrap_peft
 from steprl.monitor import MetricsLogger
 from steprl.monitor.autofix import AutoFixer, Knobs, handle_oom
-from steprl.recipes.common import (Timer, cosine_lr, keep_freed_memory, mark_done, progress_bar, save_state,
+from steprl.recipes.common import (Timer, cosine_lr, mark_done, progress_bar, save_state,
                                    setup_torch, stage_dir)
 from steprl.recipes.grpo import (accumulation_scale, clipped_tokens, completion_logprobs, episode_metrics,
                                  log_samples, make_envs, reference_logprobs, right_aligned, run_episodes,
