@@ -85,6 +85,7 @@ def test_packed_weights_serve_their_batch_size_and_plain_ones_the_rest(tiny):
     model, tok = lora_model(tiny), tiny[1]
     texts = (PROMPTS * 3)[:dec.MIN_PACKED_ROWS + 1]
     decoder = LlamaDecoder.for_model(model)
+    decoder.pack(len(texts))
     ours, hf = step_logits_both_ways(model, tok, decoder, texts)
     torch.testing.assert_close(ours, hf, atol=1e-4, rtol=1e-4)
     assert decoder.packed_rows == len(texts)
@@ -94,8 +95,10 @@ def test_packed_weights_serve_their_batch_size_and_plain_ones_the_rest(tiny):
     torch.testing.assert_close(decoder.linear(x, w), torch.nn.functional.linear(x, *w), atol=1e-5, rtol=1e-5)
     assert torch.equal(decoder.linear(x[:3], w), torch.nn.functional.linear(x[:3], *w))  # not packed for 3
     small = LlamaDecoder(model)
-    step_logits_both_ways(model, tok, small)  # 3 rows: below MIN_PACKED_ROWS, nothing packed
+    small.pack(3)  # below MIN_PACKED_ROWS: nothing packed
     assert small.packed_rows == 0 and not small.packed
+    decoder.pack(len(texts) + 2)  # generate's next batch has another size: packed again for it
+    assert decoder.packed_rows == len(texts) + 2 and len(decoder.packed) == 7 * len(decoder.layers) + 1  # + the head
 
 
 def test_decoder_follows_weight_updates_and_stays_out_of_training(tiny):
@@ -118,14 +121,17 @@ def test_decoder_follows_weight_updates_and_stays_out_of_training(tiny):
     assert (stale - hf).abs().max() > 1e-3  # the update mattered: a stale decoder would be wrong
 
 
-def test_generate_uses_the_decoder_and_matches_hf_greedy(tiny, monkeypatch):
+@pytest.mark.parametrize("copies", [1, 3])  # 3 rows: plain weights; 9 rows: packed for 9
+def test_generate_uses_the_decoder_and_matches_hf_greedy(tiny, monkeypatch, copies):
     model, tok = lora_model(tiny, seed=2), tiny[1]
     calls = []
     real = LlamaDecoder.step
     monkeypatch.setattr(LlamaDecoder, "step", lambda self, *a: calls.append(1) or real(self, *a))
-    prompts = [tok(t)["input_ids"] for t in PROMPTS]
+    prompts = [tok(t)["input_ids"] for t in PROMPTS * copies]
     ours, _, _ = generate(model, tok, prompts, SamplingParams(max_new_tokens=6, temperature=0.0))
     assert len(calls) >= 5
+    packed = len(prompts) >= dec.MIN_PACKED_ROWS and dec.MKL_PACKED
+    assert LlamaDecoder.for_model(model).packed_rows == (len(prompts) if packed else 0)
     ids, mask, _ = left_pad(prompts, tok.pad_token_id)
     with torch.no_grad():
         ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,

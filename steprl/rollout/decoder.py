@@ -8,10 +8,12 @@ attention through repeated keys, ~30 small kernels per layer). This step runs th
 with fewer kernels: fused RMSNorm (`F.rms_norm`), grouped-query attention as two batched matmuls
 over the cache as it is (the query heads of one key head side by side, no copy of keys), one
 additive mask per step for all layers, and under LoRA the adapters merged into the weights once
-per weight version instead of three matmuls per projection per token. Other weights are read
-where they are, with `F.linear`: a decode step streams every weight from memory once, and no
-layout measured faster in the decode loop (oneDNN's packed copy, used before, was 5-20% slower
-on this machine and cost a second copy of the model; docs/benchmarks.md, "Eighth session").
+per weight version instead of three matmuls per projection per token. A decode step streams every
+weight from memory once, with few rows: MKL's GEMM on weights packed for the batch's size
+(`pack`, at the start of each `generate`) streams them 15-27% faster at 16-64 rows than on the
+model's own layout, with the same results; oneDNN's packed copy was 5-20% slower, transposed
+copies no faster (docs/benchmarks.md, "Eighth session", "Ninth session"). The packed copy lives
+as long as the decoder, which the RL steps drop after each rollout.
 
 Per layer, with h the residual stream of the new token and t its position:
     x = rms_norm(h) * w_in;  q, k, v = x Wq, x Wk, x Wv;  q, k = rope(q, t), rope(k, t)
@@ -74,11 +76,15 @@ class LlamaDecoder:
         self.packed, self.packed_rows = {}, 0  # MKL-packed weights, for batches of packed_rows rows
 
     def pack(self, rows: int) -> None:
-        """Pack every weight for MKL's packed GEMM at `rows` rows (`linear` then uses it for
-        batches of exactly that many rows, the common case of a rollout, and `F.linear` for
-        others). A packed copy of the weights, freed with the decoder; packing SmolLM2 takes
+        """Pack every weight for MKL's packed GEMM at `rows` rows, unless they are packed for that
+        already or `rows` < MIN_PACKED_ROWS. `generate` calls it with its batch size: `linear` uses
+        the packed weights for batches of exactly that many rows (until rows finish), `F.linear`
+        for others. A packed copy of the weights, freed with the decoder; packing SmolLM2 takes
         ~0.2 s, and its decode linears at 16-64 rows then run 15-27% faster, with the same
         results (docs/benchmarks.md, "Ninth session"). Under LoRA the merged weights are packed."""
+        if rows == self.packed_rows or rows < MIN_PACKED_ROWS or not MKL_PACKED:
+            return
+        self.packed = {}  # the old packing first: old and new together would double its memory
         weights = [w[p] for w in self.layers for p in PROJECTIONS]
         weights += [self.head] if isinstance(self.head, tuple) else []
         with own_mappings():  # MKL asks for 4x what it fills: keep that out of the heap
@@ -131,8 +137,6 @@ class LlamaDecoder:
         `shared` columns hold the same unmasked prefix in every row (the prompts' common stem):
         attention reads them from one row instead of every row's copy (`attend`)."""
         b = tokens.shape[0]
-        if not self.packed_rows and b >= MIN_PACKED_ROWS and MKL_PACKED:
-            self.pack(b)
         h = self.embed(tokens)  # [B, D]
         cos, sin = self.rotary(h, positions[:, None])  # [B, 1, d]
         cos, sin = cos[:, None], sin[:, None]  # [B, 1, 1, d] against [B, heads, 1, d]

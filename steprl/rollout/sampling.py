@@ -16,7 +16,7 @@ What makes it faster than a plain loop (every trick keeps the computation exact)
   result fed into its own cache, one token per step, while the other rows decode, and is
   never prefilled again;
 * decode steps of Llama-family models run through `decoder.LlamaDecoder` (LoRA merged, the
-  model's own weights read in place, grouped-query attention without copying keys, the common
+  weights packed for MKL's GEMM at the batch's size, grouped-query attention without copying keys, the common
   stem's keys and values read once per step, not once per row); others through HF;
 * sampling draws one uniform number per row against the cumulative distribution
   (`inverse_cdf_sample`), not `torch.multinomial`, which costs ~16 ms per call at V = 49k;
@@ -300,6 +300,8 @@ def generate(model, tokenizer, prompts: list[list[int]], params: SamplingParams,
     mask[:, :width] = prompt_mask
     next_pos = positions[:, -1] + 1
     decoder = LlamaDecoder.for_model(model) if all(isinstance(x, SlotLayer) for x in cache.layers) else None
+    if decoder is not None:
+        decoder.pack(n)
 
     eos_ids = getattr(stop, "eos_ids", None)
     is_eos = (lambda x: x in eos_ids) if eos_ids is not None else stop.is_eos  # duck-typed checkers
