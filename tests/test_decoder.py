@@ -97,6 +97,8 @@ def test_packed_weights_serve_their_batch_size_and_plain_ones_the_rest(tiny):
     small = LlamaDecoder(model)
     small.pack(3)  # below MIN_PACKED_ROWS: nothing packed
     assert small.packed_rows == 0 and not small.packed
+    twin = copy.deepcopy(model)  # a copy of the model copies no decoder (packed tensors cannot be)
+    assert LlamaDecoder.for_model(model) is decoder and dec.DECODERS.get(twin) is None
     decoder.pack(len(texts) + 2)  # generate's next batch has another size: packed again for it
     assert decoder.packed_rows == len(texts) + 2 and len(decoder.packed) == 7 * len(decoder.layers) + 1  # + the head
 

@@ -24,6 +24,8 @@ logits = (rms_norm(h) * w_final) W_head.  The logits equal HF's to float roundin
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -34,6 +36,9 @@ SUPPORTED = {"llama", "qwen2", "mistral"}
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 MKL_PACKED = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
 MIN_PACKED_ROWS = 8  # below, a decode step is a few GEMVs and packing would not pay for itself
+# model -> (weight version, its decoder). Outside the model, so that copying a model copies no
+# decoder (a copy's would be stale, and MKL-packed tensors cannot be copied).
+DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def effective_linear(module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -112,7 +117,7 @@ class LlamaDecoder:
 
     @staticmethod
     def forget(model) -> None:
-        model.__dict__.pop("_steprl_decoder", None)
+        DECODERS.pop(model, None)
 
     @classmethod
     def for_model(cls, model) -> LlamaDecoder | None:
@@ -121,12 +126,12 @@ class LlamaDecoder:
         if model.training or not cls.supports(model):
             return None
         version = cls.version(model)
-        cached = getattr(model, "_steprl_decoder", None)
+        cached = DECODERS.get(model)
         if cached is not None and cached[0] == version:
             return cached[1]
         cls.forget(model)  # free the stale copy first: old and new together would double its memory
         decoder = cls(model)
-        object.__setattr__(model, "_steprl_decoder", (version, decoder))
+        DECODERS[model] = (version, decoder)
         return decoder
 
     @torch.inference_mode()
