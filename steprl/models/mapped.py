@@ -56,6 +56,8 @@ class MappedFile:
     def release(self, start: int = 0, end: int | None = None) -> None:
         """Drop the pages of bytes [start, end) from the resident set (rounded out to whole pages:
         the pages are clean copies of the file, so dropping a neighbour's only costs a re-read)."""
+        if not hasattr(mmap, "MADV_DONTNEED"):  # no madvise here: the pages stay until the OS needs them
+            return
         end = len(self.map) if end is None else end
         start -= start % mmap.PAGESIZE
         self.map.madvise(mmap.MADV_DONTNEED, start, end - start)
