@@ -48,8 +48,11 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator=None):
         logp = torch.log_softmax(logits.float(), dim=-1)
         tokens = logp.argmax(dim=-1)
         return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
-    scaled = logits.float() / params.temperature
+    scaled = logits.float() if params.temperature == 1.0 else logits.float() / params.temperature
     logp = torch.log_softmax(scaled, dim=-1)
+    if params.top_k <= 0 and params.top_p >= 1.0:  # nothing filtered: the probabilities are exp(logp)
+        tokens = inverse_cdf_sample(logp.exp(), generator)
+        return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
     filtered = scaled
     if params.top_k > 0:
         kth = torch.topk(filtered, min(params.top_k, filtered.shape[-1]), dim=-1).values[:, -1:]
