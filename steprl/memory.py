@@ -31,8 +31,7 @@ def keep_freed_memory() -> bool:
     peak once and is reused. Freed memory stays resident until reused, and the heap fragments:
     the peak can grow (SmolLM2, LoRA, 16 sequences in one pass: 4.92 -> 5.44 GB; in micro-batches
     of 4: 2.37 -> 2.44 GB). Results do not change (torch aligns its buffers itself). The RL
-    recipes and `evaluate` call it (SmolLM2, 64 rows, 32 greedy tokens: 8.2-9.3 s against
-    9.0-10.8 s without). Returns False where it cannot (not glibc)."""
+    recipes call it. Returns False where it cannot (not glibc)."""
     global _keeping
     libc = _libc()
     if libc is None:

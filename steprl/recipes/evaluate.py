@@ -6,7 +6,6 @@ import warnings
 
 from steprl.config import RewardConfig
 from steprl.envs.tool_env import ToolEnv
-from steprl.memory import keep_freed_memory
 from steprl.models.tiny import CHATML_TEMPLATE
 from steprl.rollout.episodes import ChatRenderer, run_episodes
 from steprl.rollout.sampling import SamplingParams
@@ -55,7 +54,6 @@ def evaluate(model, tokenizer, task: Task, split: str = "test", limit: int | Non
              batch_size: int = 128, max_new_tokens: int = 64, max_turns: int = 3,
              problems=None) -> tuple[dict, list]:
     """Greedy episodes on `limit` problems. Returns (metrics, trajectories)."""
-    keep_freed_memory()  # each decode step's [B, V] logits reuse freed memory instead of faulting it in
     was_training = model.training
     model.eval()
     problems = problems if problems is not None else task.problems(split, limit)
