@@ -26,8 +26,6 @@ import torch.nn.functional as F  # noqa: E402
 from steprl.rollout import decoder as dec  # noqa: E402
 from steprl.rollout.sampling import SamplingParams, generate  # noqa: E402
 
-PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
-
 
 def onednn(x, wb):
     return torch._C._nn.mkldnn_linear(x.to_mkldnn(), wb[0], None).to_dense()
@@ -57,7 +55,7 @@ def use_layout(decoder, name: str) -> None:
     """Re-store the decoder's projection weights in a layout (no biases in these models)."""
     store, apply = LAYOUTS[name]
     for layer in decoder.layers:
-        for p in PROJECTIONS:
+        for p in dec.PROJECTIONS:
             w = layer[p][0] if name == "F.linear" else store(layer[p][0])
             layer[p] = (w, None) if apply is None else _Applied(w, apply)
 

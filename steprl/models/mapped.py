@@ -90,8 +90,7 @@ def frozen_reference(model: torch.nn.Module, directory: str | Path) -> torch.nn.
     ref = copy.deepcopy(model, memo=dict(views)).eval().requires_grad_(False)
     ref.mapped_files = files
     for module in ref.modules():  # give each module's pages back as soon as its forward is done
-        owned = [p for p in module.parameters(recurse=False)]
-        spans = [span for f in files for p in owned if (span := f.span(p)) is not None]
+        spans = [span for p in module.parameters(recurse=False) for f in files if (span := f.span(p)) is not None]
         if spans:
             module.register_forward_hook(release_after(spans))
     release_reference(ref)  # the comparison above read every page in

@@ -459,7 +459,7 @@ def reference_logprobs(model, ref_model, trajs: list[Trajectory], micro_batch_si
     The pass holds no activations for a backward, so it runs REFERENCE_BATCHES micro-batches at
     once: its memory is mostly the logits ([B, K, V], log-probs taken one row at a time), below a
     training micro-batch's saved activations, and larger batches run the matmuls faster (SmolLM2,
-    16 sequences: 1.74 s in one pass against 2.17 s in 4)."""
+    16 sequences: 1.68 s in one pass against 2.15 s in 4, `benchmarks/reference_pass.py`)."""
     batch_size = REFERENCE_BATCHES * micro_batch_size
     if is_peft(model):
         with model.disable_adapter():

@@ -16,8 +16,9 @@ What makes it faster than a plain loop (every trick keeps the computation exact)
   result fed into its own cache, one token per step, while the other rows decode, and is
   never prefilled again;
 * decode steps of Llama-family models run through `decoder.LlamaDecoder` (LoRA merged, the
-  weights packed for MKL's GEMM at the batch's size, grouped-query attention without copying keys, the common
-  stem's keys and values read once per step, not once per row); others through HF;
+  weights packed for MKL's GEMM at the batch's size, grouped-query attention without copying
+  keys, the common stem's keys and values read once per step, not once per row); others
+  through HF;
 * sampling draws one uniform number per row against the cumulative distribution
   (`inverse_cdf_sample`), not `torch.multinomial`, which costs ~16 ms per call at V = 49k;
 * the EOS and stop-string bookkeeping is vectorised; the (slow) text check of stop strings only
@@ -50,20 +51,19 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator=None):
         return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
     scaled = logits.float() if params.temperature == 1.0 else logits.float() / params.temperature
     logp = torch.log_softmax(scaled, dim=-1)
-    if params.top_k <= 0 and params.top_p >= 1.0:  # nothing filtered: the probabilities are exp(logp)
-        tokens = inverse_cdf_sample(logp.exp(), generator)
-        return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
     filtered = scaled
     if params.top_k > 0:
         kth = torch.topk(filtered, min(params.top_k, filtered.shape[-1]), dim=-1).values[:, -1:]
         filtered = filtered.masked_fill(filtered < kth, float("-inf"))
     if params.top_p < 1.0:
         sorted_logits, order = torch.sort(filtered, descending=True, dim=-1)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        drop_sorted = cum - torch.softmax(sorted_logits, dim=-1) > params.top_p
+        p_sorted = torch.softmax(sorted_logits, dim=-1)
+        drop_sorted = p_sorted.cumsum(-1) - p_sorted > params.top_p
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         filtered = filtered.masked_fill(drop, float("-inf"))
-    tokens = inverse_cdf_sample(torch.softmax(filtered, dim=-1), generator)
+    # unfiltered, the probabilities are exp(logp): no second softmax over the vocabulary
+    probs = logp.exp() if filtered is scaled else torch.softmax(filtered, dim=-1)
+    tokens = inverse_cdf_sample(probs, generator)
     return tokens, logp.gather(-1, tokens[:, None]).squeeze(-1)
 
 
