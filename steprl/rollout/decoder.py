@@ -35,6 +35,9 @@ from steprl.models.loading import unwrap_peft
 SUPPORTED = {"llama", "qwen2", "mistral"}
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 MKL_PACKED = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+# (out, log-normaliser) of softmax(q K^T scale + mask) V in one kernel, private to torch: without it
+# `attend` falls back to matmuls
+FUSED_ATTENTION = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 MIN_PACKED_ROWS = 8  # below, a decode step is a few GEMVs and packing would not pay for itself
 # model -> (weight version, its decoder). Outside the model, so that copying a model copies no
 # decoder (a copy's would be stale, and MKL-packed tensors cannot be copied).
@@ -174,15 +177,34 @@ def attend(q, keys, values, bias, scale: float, shared: int = 0) -> torch.Tensor
     """softmax(q K^T * scale + bias) V for one new token per row, grouped-query: q [B, n_kv, g, d]
     (the g query heads of each key head side by side), keys and values [B, n_kv, L, d].
 
-    With `shared` = S > 0, the first S columns of K and V are the same in every row. Their scores
-    come from one matmul of all rows' queries against row 0's copy, [n_kv, B g, d] x [n_kv, d, S],
-    and their values likewise: at a rollout's shapes (64 rows, a 152-token system prompt, ~250
-    columns) that reads the cache's stem once instead of 64 times. Same result up to rounding."""
+    With `shared` = S > 0, the first S columns of K and V are the same in every row. Their part
+    comes from one pass of all rows' queries over row 0's copy ([1, n_kv, B g, d] against
+    [1, n_kv, S, d]): at a rollout's shapes (64 rows, a 152-token system prompt, ~250 columns) that
+    reads the cache's stem once instead of 64 times. The two parts, each softmax-normalised over
+    its own columns with log-normaliser l, merge exactly:
+        out = (e^l_s out_s + e^l_r out_r) / (e^l_s + e^l_r) = lerp(out_s, out_r, sigmoid(l_r - l_s)).
+    The row's own part always holds its new token, unmasked, so l_r is finite. Each part runs in
+    torch's fused CPU attention kernel, which returns l; without it, matmuls (`attend_matmul`)."""
+    if FUSED_ATTENTION is None:
+        return attend_matmul(q, keys, values, bias, scale, shared)
+    if not shared:
+        return FUSED_ATTENTION(q, keys, values, attn_mask=bias, scale=scale)[0]
+    b, n_kv, g, d = q.shape
+    rows = q.transpose(0, 1).reshape(1, n_kv, b * g, d)  # every row's queries, per key head
+    out_s, l_s = FUSED_ATTENTION(rows, keys[:1, :, :shared], values[:1, :, :shared], scale=scale)
+    out_s, l_s = out_s.view(n_kv, b, g, d).transpose(0, 1), l_s.view(n_kv, b, g).transpose(0, 1)
+    out_r, l_r = FUSED_ATTENTION(q, keys[:, :, shared:], values[:, :, shared:], attn_mask=bias[..., shared:],
+                                 scale=scale)
+    return torch.lerp(out_s, out_r, torch.sigmoid(l_r - l_s).unsqueeze(-1))
+
+
+def attend_matmul(q, keys, values, bias, scale: float, shared: int = 0) -> torch.Tensor:
+    """`attend` with matmuls and one softmax over the stem's and the row's columns together."""
     if not shared:
         scores = torch.matmul(q, keys.transpose(-1, -2)) * scale + bias
         return torch.matmul(torch.softmax(scores, dim=-1), values)
     b, n_kv, g, d = q.shape
-    rows = q.transpose(0, 1).reshape(n_kv, b * g, d)  # every row's queries, per key head
+    rows = q.transpose(0, 1).reshape(n_kv, b * g, d)
     stem = torch.matmul(rows, keys[0, :, :shared].transpose(-1, -2))  # [n_kv, B g, S]
     stem = stem.view(n_kv, b, g, shared).transpose(0, 1)  # [B, n_kv, g, S]
     rest = torch.matmul(q, keys[:, :, shared:].transpose(-1, -2))  # [B, n_kv, g, L - S]
