@@ -154,6 +154,46 @@ def test_inverse_cdf_sample_draws_the_distribution():
     assert abs(float((second == 1).float().mean()) - 0.5) < 0.01
 
 
+def prefill_both_ways(model, prompts, pad_id, monkeypatch):
+    """`prefill` with the decoder's packed passes and with HF's forward only; the packed passes
+    must really run (counted)."""
+    calls = []
+    packed_extend = LlamaDecoder.extend
+
+    def counted(self, seqs, cache):
+        calls.append(len(seqs))
+        return packed_extend(self, seqs, cache)
+    monkeypatch.setattr(LlamaDecoder, "extend", counted)
+    with torch.inference_mode():
+        ours = prefill(model, prompts, pad_id, 4, LlamaDecoder.for_model(model))
+        hf = prefill(model, prompts, pad_id, 4)
+    return ours, hf, calls
+
+
+@pytest.mark.parametrize("case", ["distinct", "one stem", "groups"])
+def test_packed_prefill_equals_hf_forward(tiny, case, monkeypatch):
+    """The packed passes (`LlamaDecoder.extend`: no padding, each token over its row's tokens and
+    the stem's) leave the cache, logits, mask and positions of HF's padded passes: prompts with
+    nothing in common (one pass), prompts after one common stem (stem, then the suffixes packed),
+    and GRPO groups (a common beginning, each group's rest packed, then the rows' suffixes)."""
+    model, tok = lora_model(tiny, seed=1), tiny[1]
+    texts = {"distinct": ["Sam has 12 apples.", "7 plus", "Lily has 9257 stones. She gets 9 more."],
+             "one stem": ["Sam has 12 apples. He finds 5 more. " + t for t in ("How many", "And", "How many now?")],
+             "groups": [g for t in ("Tom has 3 pens. He buys 4.", "Ann has 9 cups, breaks 2 of them.", "5 minus")
+                        for g in ["Answer each question with the calculator, then give the answer. " + t] * 2]}[case]
+    prompts = [tok(t)["input_ids"] for t in texts]
+    (cache, logits, mask, pos, shared), (hf_cache, hf_logits, hf_mask, hf_pos, hf_shared), calls = \
+        prefill_both_ways(model, prompts, tok.pad_token_id, monkeypatch)
+    assert calls == {"distinct": [3], "one stem": [1, 3], "groups": [1, 3]}[case]
+    assert shared == hf_shared and torch.equal(mask, hf_mask) and torch.equal(pos, hf_pos)
+    torch.testing.assert_close(logits, hf_logits, atol=1e-4, rtol=1e-4)
+    seen = mask.bool()[:, None, :, None]  # padded columns hold zeros in ours, pad tokens' keys in HF's
+    for ours_layer, hf_layer in zip(cache.layers, hf_cache.layers):
+        for a, b in ((ours_layer.keys, hf_layer.keys), (ours_layer.values, hf_layer.values)):
+            assert a.shape == b.shape and torch.isfinite(a).all()
+            torch.testing.assert_close(a * seen, b * seen, atol=1e-5, rtol=1e-5)
+
+
 def test_shared_stem_attention_equals_attention_over_every_rows_copy(tiny):
     """Rows with a common stem: decode steps that read the stem once (`shared`) give the logits
     of steps that read every row's copy, and `attend` equals the plain formula on random tensors."""

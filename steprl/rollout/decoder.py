@@ -146,23 +146,60 @@ class LlamaDecoder:
         attention reads them from one row instead of every row's copy (`attend`)."""
         b = tokens.shape[0]
         h = self.embed(tokens)  # [B, D]
-        cos, sin = self.rotary(h, positions[:, None])  # [B, 1, d]
-        cos, sin = cos[:, None], sin[:, None]  # [B, 1, 1, d] against [B, heads, 1, d]
+        cos, sin = self.rotary(h, positions[:, None])  # [B, 1, d] against [B, heads, d]
         bias = torch.zeros(mask.shape, dtype=h.dtype).masked_fill_(mask == 0, float("-inf"))[:, None, None, :]
         groups = self.n_heads // self.n_kv
         for w, slot in zip(self.layers, cache.layers):
-            d = w["head_dim"]
-            x = F.rms_norm(h, h.shape[-1:], w["norm_in"], self.eps)
-            q = self.linear(x, w["q"]).view(b, self.n_heads, 1, d)
-            k = self.linear(x, w["k"]).view(b, self.n_kv, 1, d)
-            v = self.linear(x, w["v"]).view(b, self.n_kv, 1, d)
-            q, k = rope(q, cos, sin), rope(k, cos, sin)
-            keys, values = slot.update(k, v)  # [B, n_kv, L + 1, d], views of the cache
-            q = q.view(b, self.n_kv, groups, d)  # the query heads that read one key head, side by side
-            att = attend(q, keys, values, bias, w["scale"], shared)  # [B, n_kv, groups, d]
-            h = h + self.linear(att.reshape(b, self.n_heads * d), w["o"])
-            x = F.rms_norm(h, h.shape[-1:], w["norm_post"], self.eps)
-            h = h + self.linear(F.silu(self.linear(x, w["gate"])) * self.linear(x, w["up"]), w["down"])
+            q, k, v = self.attention_inputs(h, w, cos, sin)
+            keys, values = slot.update(k[:, :, None], v[:, :, None])  # [B, n_kv, L + 1, d], views of the cache
+            q = q.view(b, self.n_kv, groups, -1)  # the query heads that read one key head, side by side
+            h = self.after_attention(h, attend(q, keys, values, bias, w["scale"], shared), w)
+        return self.logits(h)
+
+    @torch.inference_mode()
+    def extend(self, seqs: list[list[int]], cache) -> torch.Tensor:
+        """Run `seqs` (one per row) on top of a cache that holds one row (a stem every row
+        continues) or nothing, without padding: the rows' tokens are packed into one [T, D] batch
+        for the linears, so none of their FLOPs goes to padding (64 distinct prompts after a
+        system prompt: 2602 tokens where a padded pass runs 3520). Attention per token: its
+        row's earlier tokens, causal (the rows right-padded into one fused-kernel call), and the
+        stem's columns for all tokens in one call, the two merged by their log-normalisers as in
+        `attend`. Keys and values land in the cache left-padded, as `sampling.extend` leaves them.
+        Returns the logits [B, V] after each row's last token."""
+        lengths = torch.tensor([len(s) for s in seqs])
+        rows = torch.repeat_interleave(torch.arange(len(seqs)), lengths)  # the row of each packed token
+        index = torch.arange(len(rows)) - (lengths.cumsum(0) - lengths)[rows]  # its index in its row
+        stem, width = cache.get_seq_length(), int(lengths.max())
+        columns = stem + width - lengths[rows] + index  # its cache column, rows left-padded
+        h = self.embed(torch.tensor([t for s in seqs for t in s]))  # [T, D]
+        cos, sin = self.rotary(h, (stem + index)[:, None])  # [T, 1, d] against [T, heads, d]
+        t, groups = h.shape[0], self.n_heads // self.n_kv
+        for w, slot in zip(self.layers, cache.layers):
+            q, k, v = self.attention_inputs(h, w, cos, sin)
+            out, lse = attend_own_rows(q, k, v, rows, index, len(seqs), width, w["scale"])
+            out, lse = out.view(t, self.n_kv, groups, -1), lse.view(t, self.n_kv, groups)
+            if stem:  # and the stem's columns, for every token at once
+                out = merged(*attend_stem(q.view(out.shape), slot.keys[:1], slot.values[:1], w["scale"]), out, lse)
+            slot.scatter(k, v, rows, columns, len(seqs), width)
+            h = self.after_attention(h, out, w)
+        return self.logits(h[lengths.cumsum(0) - 1])
+
+    def attention_inputs(self, h, w, cos, sin):
+        """q [N, heads, d], k and v [N, n_kv, d] of one layer for N tokens' residual streams h [N, D]."""
+        n, d = h.shape[0], w["head_dim"]
+        x = F.rms_norm(h, h.shape[-1:], w["norm_in"], self.eps)
+        q = rope(self.linear(x, w["q"]).view(n, self.n_heads, d), cos, sin)
+        k = rope(self.linear(x, w["k"]).view(n, self.n_kv, d), cos, sin)
+        return q, k, self.linear(x, w["v"]).view(n, self.n_kv, d)
+
+    def after_attention(self, h, out, w):
+        """The layer's rest, given the attention's output `out` [N, n_kv, g, d]: the residual
+        h + out Wo, then h + MLP(rms_norm(h))."""
+        h = h + self.linear(out.reshape(h.shape[0], -1), w["o"])
+        x = F.rms_norm(h, h.shape[-1:], w["norm_post"], self.eps)
+        return h + self.linear(F.silu(self.linear(x, w["gate"])) * self.linear(x, w["up"]), w["down"])
+
+    def logits(self, h):
         h = F.rms_norm(h, h.shape[-1:], self.norm, self.eps)
         return self.linear(h, self.head) if isinstance(self.head, tuple) else self.head(h)
 
@@ -181,21 +218,30 @@ def attend(q, keys, values, bias, scale: float, shared: int = 0) -> torch.Tensor
     comes from one pass of all rows' queries over row 0's copy ([1, n_kv, B g, d] against
     [1, n_kv, S, d]): at a rollout's shapes (64 rows, a 152-token system prompt, ~250 columns) that
     reads the cache's stem once instead of 64 times. The two parts, each softmax-normalised over
-    its own columns with log-normaliser l, merge exactly:
-        out = (e^l_s out_s + e^l_r out_r) / (e^l_s + e^l_r) = lerp(out_s, out_r, sigmoid(l_r - l_s)).
-    The row's own part always holds its new token, unmasked, so l_r is finite. Each part runs in
-    torch's fused CPU attention kernel, which returns l; without it, matmuls (`attend_matmul`)."""
+    its own columns, merge exactly by their log-normalisers (`merged`); the row's own part always
+    holds its new token, unmasked, so its log-normaliser is finite. Each part runs in torch's fused
+    CPU attention kernel, which returns the log-normaliser; without it, matmuls (`attend_matmul`)."""
     if FUSED_ATTENTION is None:
         return attend_matmul(q, keys, values, bias, scale, shared)
     if not shared:
         return FUSED_ATTENTION(q, keys, values, attn_mask=bias, scale=scale)[0]
+    out, lse = FUSED_ATTENTION(q, keys[:, :, shared:], values[:, :, shared:], attn_mask=bias[..., shared:],
+                               scale=scale)
+    return merged(*attend_stem(q, keys[:1, :, :shared], values[:1, :, :shared], scale), out, lse)
+
+
+def attend_stem(q, keys, values, scale: float):
+    """(out, log-normaliser) of every row's queries q [B, n_kv, g, d] over one copy of the columns
+    all rows share, keys and values [1, n_kv, S, d]: one fused call of B g queries per key head."""
     b, n_kv, g, d = q.shape
-    rows = q.transpose(0, 1).reshape(1, n_kv, b * g, d)  # every row's queries, per key head
-    out_s, l_s = FUSED_ATTENTION(rows, keys[:1, :, :shared], values[:1, :, :shared], scale=scale)
-    out_s, l_s = out_s.view(n_kv, b, g, d).transpose(0, 1), l_s.view(n_kv, b, g).transpose(0, 1)
-    out_r, l_r = FUSED_ATTENTION(q, keys[:, :, shared:], values[:, :, shared:], attn_mask=bias[..., shared:],
-                                 scale=scale)
-    return torch.lerp(out_s, out_r, torch.sigmoid(l_r - l_s).unsqueeze(-1))
+    out, lse = FUSED_ATTENTION(q.transpose(0, 1).reshape(1, n_kv, b * g, d), keys, values, scale=scale)
+    return out.view(n_kv, b, g, d).transpose(0, 1), lse.view(n_kv, b, g).transpose(0, 1)
+
+
+def merged(out_a, lse_a, out_b, lse_b):
+    """Attention over two sets of columns from each set's own (out, log-normaliser):
+    (e^l_a out_a + e^l_b out_b) / (e^l_a + e^l_b) = lerp(out_a, out_b, sigmoid(l_b - l_a))."""
+    return torch.lerp(out_a, out_b, torch.sigmoid(lse_b - lse_a).unsqueeze(-1))
 
 
 def attend_matmul(q, keys, values, bias, scale: float, shared: int = 0) -> torch.Tensor:
@@ -212,6 +258,22 @@ def attend_matmul(q, keys, values, bias, scale: float, shared: int = 0) -> torch
     p_stem = probs[..., :shared].transpose(0, 1).reshape(n_kv, b * g, shared)
     out = torch.matmul(p_stem, values[0, :, :shared]).view(n_kv, b, g, d).transpose(0, 1)
     return out + torch.matmul(probs[..., shared:], values[:, :, shared:])
+
+
+def attend_own_rows(q, k, v, rows, index, batch: int, width: int, scale: float):
+    """Causal attention of packed tokens over their own row's tokens: q [T, heads, d], k and v
+    [T, n_kv, d]; token i is at `index`[i] of row `rows`[i]. Rows are right-padded to `width` for
+    one fused call: causal, a real token never sees the padding after it. Returns (out [T, heads,
+    d], log-normaliser [T, heads])."""
+    heads, n_kv, d = q.shape[1], k.shape[1], q.shape[-1]
+    padded = [x.new_zeros(batch, width, x.shape[1], d) for x in (q, k, v)]
+    for buf, x in zip(padded, (q, k, v)):
+        buf[rows, index] = x
+    pq, pk, pv = padded
+    if heads > n_kv:  # grouped-query: the kernel wants a key head per query head
+        pk, pv = pk.repeat_interleave(heads // n_kv, dim=2), pv.repeat_interleave(heads // n_kv, dim=2)
+    out, lse = FUSED_ATTENTION(pq.transpose(1, 2), pk.transpose(1, 2), pv.transpose(1, 2), is_causal=True, scale=scale)
+    return out.transpose(1, 2)[rows, index], lse.transpose(1, 2)[rows, index]
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

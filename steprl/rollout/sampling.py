@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from steprl.rollout.decoder import LlamaDecoder
+from steprl.rollout.decoder import FUSED_ATTENTION, LlamaDecoder
 
 
 @dataclass
@@ -153,6 +153,24 @@ class SlotLayer(DynamicLayer):
         self.keys, self.values = self.key_buf[:, :, :end], self.value_buf[:, :, :end]
         return self.keys, self.values
 
+    def scatter(self, key_states, value_states, rows, columns, batch: int, width: int) -> None:
+        """Add `width` columns and grow to `batch` rows: packed tokens' keys and values [T, heads,
+        d] go to (`rows`, `columns`); the columns before are the one row's this cache held (every
+        new row continues it), those not written are zero (padding: masked, but finite for the
+        attention's products). `LlamaDecoder.extend` writes this way."""
+        grown = []
+        for old, new in ((getattr(self, "key_buf", None), key_states), (getattr(self, "value_buf", None), value_states)):
+            buf = new.new_empty(batch, new.shape[1], self.capacity, new.shape[-1])
+            if self.is_initialized:
+                buf[:, :, :self.length] = old[:1, :, :self.length]
+            buf[:, :, self.length:self.length + width] = 0
+            buf[rows, :, columns] = new
+            grown.append(buf)
+        self.key_buf, self.value_buf = grown
+        self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+        self.length += width
+        self.keys, self.values = self.key_buf[:, :, :self.length], self.value_buf[:, :, :self.length]
+
     def get_seq_length(self) -> int:
         return self.length
 
@@ -233,7 +251,7 @@ def shared_stems(prompts: list[list[int]]):
 MIN_SAVED_TOKENS = 16  # a prefill pass is worth it when it spares at least this many tokens
 
 
-def prefill(model, prompts: list[list[int]], pad_id: int, max_new: int):
+def prefill(model, prompts: list[list[int]], pad_id: int, max_new: int, decoder: LlamaDecoder | None = None):
     """A cache holding every prompt, with room for `max_new` more tokens. Returns (cache, last
     logits [B, V], attention mask [B, width], positions of the last pass [B, w], shared), where
     the first `shared` cache columns are the same unpadded tokens in every row (0 if none).
@@ -241,12 +259,14 @@ def prefill(model, prompts: list[list[int]], pad_id: int, max_new: int):
     Rows that begin alike are prefilled in up to three passes, each on top of the cache of the
     one before: the beginning common to every stem (a system prompt, a tool description) once;
     each stem's rest once (a GRPO group's prompt), the cache's rows repeated for its rows after;
-    each row's own suffix. Otherwise one pass.
+    each row's own suffix. Otherwise one pass. With the model's `decoder`, the passes that
+    continue one row (or none) run packed, without padding (`LlamaDecoder.extend`).
     """
     stems, stem_of, suffixes, saved = shared_stems(prompts)
     if saved < len(prompts) or not all(stems):  # not worth a second pass
         cache = new_cache(model, max(len(p) for p in prompts) + max_new)
-        logits, mask, positions = extend(model, cache, prompts, torch.zeros(len(prompts), 0, dtype=torch.long), pad_id)
+        logits, mask, positions = extend(model, cache, prompts, torch.zeros(len(prompts), 0, dtype=torch.long), pad_id,
+                                         decoder=packing(decoder, cache))
         return cache, logits[:, -1], mask, positions, 0
     u = len(stems)
     common = len(stems[0]) if u == 1 else min(min(common_prefix(stems[0], x) for x in stems),
@@ -254,24 +274,42 @@ def prefill(model, prompts: list[list[int]], pad_id: int, max_new: int):
     if u > 1 and (u - 1) * common < MIN_SAVED_TOKENS:  # an extra pass costs more than it saves
         common = 0
     cache = new_cache(model, common + max(len(x) - common for x in stems) + max(len(x) for x in suffixes) + max_new)
+    decoder = packing(decoder, cache)
     past = torch.zeros(1 if common else u, 0, dtype=torch.long)  # the attention mask of what the cache holds
     if common:
-        _, past, _ = extend(model, cache, [stems[0][:common]], past, pad_id)
-    if u > 1:
-        if common:
-            cache.batch_select_indices(torch.zeros(u, dtype=torch.long))
-            past = past.expand(u, -1)
-        _, past, _ = extend(model, cache, [x[common:] for x in stems], past, pad_id)
-    cache.batch_select_indices(stem_of)
-    logits, mask, positions = extend(model, cache, suffixes, past[stem_of], pad_id)
+        _, past, _ = extend(model, cache, [stems[0][:common]], past, pad_id, decoder=decoder)
+    if u > 1:  # each stem's rest (on the one row of the common beginning), then its rows' copies
+        _, past, _ = extend(model, cache, [x[common:] for x in stems], past, pad_id, decoder=decoder)
+        cache.batch_select_indices(stem_of)
+        past = past[stem_of]
+    logits, mask, positions = extend(model, cache, suffixes, past, pad_id, decoder=decoder)
     return cache, logits[:, -1], mask, positions, common
 
 
-def extend(model, cache, seqs: list[list[int]], past: torch.Tensor, pad_id: int = 0, keep: int = 1):
+def packing(decoder: LlamaDecoder | None, cache) -> LlamaDecoder | None:
+    """The decoder, if it can run packed passes into `cache` (SlotLayers, torch's fused attention)."""
+    if decoder is None or FUSED_ATTENTION is None or not all(isinstance(x, SlotLayer) for x in cache.layers):
+        return None
+    return decoder
+
+
+def extend(model, cache, seqs: list[list[int]], past: torch.Tensor, pad_id: int = 0, keep: int = 1,
+           decoder: LlamaDecoder | None = None):
     """Run `seqs` (left-padded) through `model` on top of `cache`, whose rows have attention mask
-    `past` [B, L]; positions continue each row's sequence. Returns (logits of the last `keep`
-    positions, the attention mask now [B, L + w], the positions of the new tokens [B, w])."""
+    `past` [B, L]; positions continue each row's sequence. A cache of one row (`past` [1, L]) is
+    continued by every row of `seqs`. Returns (logits of the last `keep` positions, the attention
+    mask now [B, L + w], the positions of the new tokens [B, w]).
+
+    With a `decoder` and keep = 1, a pass over an empty cache or one unpadded row runs packed
+    (`LlamaDecoder.extend`): the same logits, cache and mask, without computing the padding."""
     ids, mask, positions = left_pad(seqs, pad_id)
+    one_row = past.shape[0] == 1 and len(seqs) > 1  # every row continues the cache's one row
+    packed = decoder is not None and keep == 1 and (past.shape[1] == 0 or past.shape[0] == 1) and bool(past.all())
+    past = past.expand(len(seqs), -1)
+    if packed:
+        return decoder.extend(seqs, cache)[:, None], torch.cat([past, mask], dim=1), positions + past.shape[1]
+    if one_row:
+        cache.batch_select_indices(torch.zeros(len(seqs), dtype=torch.long))
     attn = torch.cat([past, mask], dim=1)
     positions = positions + past.sum(-1, keepdim=True)
     out = model(input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=cache,
@@ -296,13 +334,14 @@ def generate(model, tokenizer, prompts: list[list[int]], params: SamplingParams,
     """
     stop = stop or StopChecker(tokenizer, params.stop_strings)
     n, max_new = len(prompts), params.max_new_tokens
-    cache, logits, prompt_mask, positions, shared = prefill(model, prompts, tokenizer.pad_token_id, max_new)
+    decoder = LlamaDecoder.for_model(model)  # None where HF's forward must run (architecture, training mode)
+    cache, logits, prompt_mask, positions, shared = prefill(model, prompts, tokenizer.pad_token_id, max_new, decoder)
     width = prompt_mask.shape[1]
     # the mask of every row: its prompt's, then ones (a finished row's later tokens are never read)
     mask = torch.ones(n, width + max_new, dtype=torch.long)
     mask[:, :width] = prompt_mask
     next_pos = positions[:, -1] + 1
-    decoder = LlamaDecoder.for_model(model) if all(isinstance(x, SlotLayer) for x in cache.layers) else None
+    decoder = decoder if all(isinstance(x, SlotLayer) for x in cache.layers) else None
     if decoder is not None:
         decoder.pack(n)
 
