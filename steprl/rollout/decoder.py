@@ -1,19 +1,25 @@
-"""A plain decode step for Llama-family models (Llama, Qwen2, Mistral without sliding window), over
-the model's own weights: one new token per row, keys and values written in place into the
-preallocated cache that `sampling.prefill` filled with HF's forward.
+"""Our own forward passes for Llama-family models (Llama, Qwen2, Mistral without sliding window),
+over the model's own weights and the preallocated cache of `sampling`: the decode step (`step`, one
+new token per row, keys and values written in place) and the packed prefill (`extend`, many
+tokens per row, no padding).
 
 Why not HF's forward for decoding: at rollout batch sizes a decode step is a few small matmuls
 per layer, and HF's generic forward spends as long again around them (mask building, grouped-query
 attention through repeated keys, ~30 small kernels per layer). This step runs the same arithmetic
-with fewer kernels: fused RMSNorm (`F.rms_norm`), grouped-query attention as two batched matmuls
-over the cache as it is (the query heads of one key head side by side, no copy of keys), one
-additive mask per step for all layers, and under LoRA the adapters merged into the weights once
-per weight version instead of three matmuls per projection per token. A decode step streams every
-weight from memory once, with few rows: MKL's GEMM on weights packed for the batch's size
-(`pack`, at the start of each `generate`) streams them 15-27% faster at 16-64 rows than on the
-model's own layout, with the same results; oneDNN's packed copy was 5-20% slower, transposed
-copies no faster (docs/benchmarks.md, "Eighth session", "Ninth session"). The packed copy lives
-as long as the decoder, which the RL steps drop after each rollout.
+with fewer kernels: fused RMSNorm (`F.rms_norm`), grouped-query attention in torch's fused CPU
+kernel over the cache as it is (the query heads of one key head side by side, no copy of keys;
+the common stem's columns read once for all rows, `attend`), one additive mask per step for all
+layers, and under LoRA the adapters merged into the weights once per weight version instead of
+three matmuls per projection per token. A decode step streams every weight from memory once,
+with few rows: MKL's GEMM on weights packed for the batch's size (`pack`, at the start of each
+`generate`) streams them 15-27% faster at 16-64 rows than on the model's own layout, with the same
+results; oneDNN's packed copy was 5-20% slower, transposed copies no faster (docs/benchmarks.md,
+"Eighth session", "Ninth session"). The packed copy lives as long as the decoder, which the RL
+steps drop after each rollout.
+
+Why not HF's forward for the prefill: a batch of prompts is left-padded to its longest, and the
+linears compute the padding too (64 prompts after one system prompt: 3520 tokens for 2602). The
+packed pass runs the rows' tokens as one [T, D] batch, attention per row (`extend`).
 
 Per layer, with h the residual stream of the new token and t its position:
     x = rms_norm(h) * w_in;  q, k, v = x Wq, x Wk, x Wv;  q, k = rope(q, t), rope(k, t)

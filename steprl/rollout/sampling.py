@@ -17,7 +17,8 @@ What makes it faster than a plain loop (every trick keeps the computation exact)
   never prefilled again;
 * decode steps of Llama-family models run through `decoder.LlamaDecoder` (LoRA merged, the
   weights packed for MKL's GEMM at the batch's size, grouped-query attention without copying
-  keys, the common stem's keys and values read once per step, not once per row); others
+  keys, the common stem's keys and values read once per step, not once per row), and so do
+  their prefill passes that continue one row (or none), packed without padding; others
   through HF;
 * sampling draws one uniform number per row against the cumulative distribution
   (`inverse_cdf_sample`), not `torch.multinomial`, which costs ~16 ms per call at V = 49k;
