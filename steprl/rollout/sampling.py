@@ -156,9 +156,9 @@ class SlotLayer(DynamicLayer):
 
     def scatter(self, key_states, value_states, rows, columns, batch: int, width: int) -> None:
         """Add `width` columns and grow to `batch` rows: packed tokens' keys and values [T, heads,
-        d] go to (`rows`, `columns`); the columns before are the one row's this cache held (every
-        new row continues it), those not written are zero (padding: masked, but finite for the
-        attention's products). `LlamaDecoder.extend` writes this way."""
+        d] go to (`rows`, `columns`); the columns before come from the one row this cache held
+        (every new row continues it); new columns not written are zero (padding: masked, but
+        finite for the attention's products). `LlamaDecoder.extend` writes this way."""
         grown = []
         for old, new in ((getattr(self, "key_buf", None), key_states), (getattr(self, "value_buf", None), value_states)):
             buf = new.new_empty(batch, new.shape[1], self.capacity, new.shape[-1])
