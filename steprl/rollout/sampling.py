@@ -287,11 +287,15 @@ def prefill(model, prompts: list[list[int]], pad_id: int, max_new: int, decoder:
     return cache, logits[:, -1], mask, positions, common
 
 
+def slotted(cache) -> bool:
+    """Every layer of `cache` is a SlotLayer, which our decoder reads and writes (`new_cache`
+    makes them for models whose layers are all full attention)."""
+    return all(isinstance(x, SlotLayer) for x in cache.layers)
+
+
 def packing(decoder: LlamaDecoder | None, cache) -> LlamaDecoder | None:
     """The decoder, if it can run packed passes into `cache` (SlotLayers, torch's fused attention)."""
-    if decoder is None or FUSED_ATTENTION is None or not all(isinstance(x, SlotLayer) for x in cache.layers):
-        return None
-    return decoder
+    return decoder if decoder is not None and FUSED_ATTENTION is not None and slotted(cache) else None
 
 
 def extend(model, cache, seqs: list[list[int]], past: torch.Tensor, pad_id: int = 0, keep: int = 1,
@@ -342,7 +346,7 @@ def generate(model, tokenizer, prompts: list[list[int]], params: SamplingParams,
     mask = torch.ones(n, width + max_new, dtype=torch.long)
     mask[:, :width] = prompt_mask
     next_pos = positions[:, -1] + 1
-    decoder = decoder if all(isinstance(x, SlotLayer) for x in cache.layers) else None
+    decoder = decoder if slotted(cache) else None
     if decoder is not None:
         decoder.pack(n)
 
