@@ -177,12 +177,13 @@ class LlamaDecoder:
         index = torch.arange(len(rows)) - (lengths.cumsum(0) - lengths)[rows]  # its index in its row
         stem, width = cache.get_seq_length(), int(lengths.max())
         columns = stem + width - lengths[rows] + index  # its cache column, rows left-padded
+        slots = rows * width + index  # its place in the rows right-padded to `width`, flattened
         h = self.embed(torch.tensor([t for s in seqs for t in s]))  # [T, D]
         cos, sin = self.rotary(h, (stem + index)[:, None])  # [T, 1, d] against [T, heads, d]
         t, groups = h.shape[0], self.n_heads // self.n_kv
         for w, slot in zip(self.layers, cache.layers):
             q, k, v = self.attention_inputs(h, w, cos, sin)
-            out, lse = attend_own_rows(q, k, v, rows, index, len(seqs), width, w["scale"])
+            out, lse = attend_own_rows(q, k, v, slots, len(seqs), width, w["scale"])
             out, lse = out.view(t, self.n_kv, groups, -1), lse.view(t, self.n_kv, groups)
             if stem:  # and the stem's columns, for every token at once
                 out = merged(*attend_stem(q.view(out.shape), slot.keys[:1], slot.values[:1], w["scale"]), out, lse)
@@ -266,20 +267,19 @@ def attend_matmul(q, keys, values, bias, scale: float, shared: int = 0) -> torch
     return out + torch.matmul(probs[..., shared:], values[:, :, shared:])
 
 
-def attend_own_rows(q, k, v, rows, index, batch: int, width: int, scale: float):
+def attend_own_rows(q, k, v, slots, batch: int, width: int, scale: float):
     """Causal attention of packed tokens over their own row's tokens: q [T, heads, d], k and v
-    [T, n_kv, d]; token i is at `index`[i] of row `rows`[i]. Rows are right-padded to `width` for
-    one fused call: causal, a real token never sees the padding after it. Returns (out [T, heads,
-    d], log-normaliser [T, heads])."""
+    [T, n_kv, d]; token i sits at `slots`[i] = row * width + index in its row. Rows are
+    right-padded to `width` for one fused call: causal, a real token never sees the padding after
+    it. Returns (out [T, heads, d], log-normaliser [T, heads])."""
     heads, n_kv, d = q.shape[1], k.shape[1], q.shape[-1]
-    padded = [x.new_zeros(batch, width, x.shape[1], d) for x in (q, k, v)]
-    for buf, x in zip(padded, (q, k, v)):
-        buf[rows, index] = x
-    pq, pk, pv = padded
+    pq, pk, pv = (x.new_zeros(batch * width, x.shape[1], d).index_copy_(0, slots, x).view(batch, width, -1, d)
+                  for x in (q, k, v))
     if heads > n_kv:  # grouped-query: the kernel wants a key head per query head
         pk, pv = pk.repeat_interleave(heads // n_kv, dim=2), pv.repeat_interleave(heads // n_kv, dim=2)
     out, lse = FUSED_ATTENTION(pq.transpose(1, 2), pk.transpose(1, 2), pv.transpose(1, 2), is_causal=True, scale=scale)
-    return out.transpose(1, 2)[rows, index], lse.transpose(1, 2)[rows, index]
+    out = out.transpose(1, 2).reshape(batch * width, heads, d).index_select(0, slots)
+    return out, lse.transpose(1, 2).reshape(batch * width, heads).index_select(0, slots)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
