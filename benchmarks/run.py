@@ -329,6 +329,7 @@ def bench_grpo_ours(name, factory, lora: bool, s: dict, repeats: int, peak_gflop
     own `rollout_time`, the passes (reference + update) are the rest. Peak RSS of the steps alone
     (model, reference and optimiser state resident) and of the whole part (loading included)."""
     from steprl.config import LoraConfig, RunConfig, TaskConfig, validate
+    from steprl.models.lean import lean_training
     from steprl.models.loading import apply_lora
     from steprl.models.mapped import frozen_reference
     from steprl.monitor.autofix import Knobs
@@ -351,6 +352,7 @@ def bench_grpo_ours(name, factory, lora: bool, s: dict, repeats: int, peak_gflop
     part_reset = reset_peak_rss()
     torch.manual_seed(cfg.seed)
     model, tok = factory()
+    lean_training(model)  # as the recipes build it
     P = flop_params(model)
     ref_model = None
     if lora:

@@ -168,8 +168,9 @@ def test_micro_batches_share_the_beginning_and_give_the_one_pass_gradients(tiny,
     model.forward = lambda *a, **kw: calls.append(kw["input_ids"].shape) or real_forward(*a, **kw)
     loss_micro, grad_micro, n_micro = gradients(model, trajs, mask, adv, old, ref, g, 2)
     model.forward = real_forward
-    assert n_micro == 3 and calls[0] == (1, 20)  # the system prompt once, before the micro-batches
-    assert sum(1 for c in calls if c[1] == 20) == 1
+    # the system prompt once before the micro-batches, and once after them for its backward
+    assert n_micro == 3 and calls[0] == calls[-1] == (1, 20)
+    assert sum(1 for c in calls if c[1] == 20) == 2
     loss_full, grad_full, _ = gradients(model, trajs, mask, adv, old, ref, g, len(trajs))
     assert abs(loss_full - loss_micro) < 1e-5, (loss_full, loss_micro)
     assert grad_full.keys() == grad_micro.keys() and grad_full
@@ -258,3 +259,39 @@ def test_an_adapter_checkpoint_loads_merged_and_trainable(tiny, tmp_path):
     with torch.no_grad():
         assert torch.allclose(merged(ids).logits, peft_model.eval()(ids).logits, atol=1e-5)
         assert not torch.allclose(merged(ids).logits, plain(ids).logits, atol=1e-3)
+
+
+def test_beginning_recomputed_for_its_backward_replays_dropout(tiny):
+    """The beginning's graph is built again at `backward()`: with dropout live (LoRA dropout, train
+    mode) it must draw the same masks, so the gradient is the one a kept graph would give."""
+    from steprl.models.loading import apply_lora
+    from steprl.recipes.grpo import Beginning
+
+    torch.manual_seed(0)
+    model = apply_lora(copy.deepcopy(tiny[0]), LoraConfig(enabled=True, r=4, alpha=8, dropout=0.5,
+                                                          target_modules=["k_proj", "v_proj"])).train()
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1)
+    trajs = grouped_trajectories(tiny[0].config.vocab_size, n_prompts=2, group=2, system=20)
+
+    def loss_on(kv):
+        gen = torch.Generator().manual_seed(3)
+        return sum((x * torch.randn(x.shape, generator=gen)).sum() for pair in kv for x in pair)
+
+    torch.manual_seed(5)
+    kept = model(input_ids=torch.tensor([trajs[0].prompt_ids[:20]]), use_cache=True, logits_to_keep=1)
+    loss_on([(layer.keys, layer.values) for layer in kept.past_key_values.layers]).backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)
+    beginning = Beginning(model, trajs, micro_batches=2)
+    assert beginning.ids == trajs[0].prompt_ids[:20]
+    loss_on(beginning.kv).backward()  # the micro-batches' part: gradients on the leaves only
+    assert all(p.grad is None for p in model.parameters())
+    torch.manual_seed(6)  # the random state moved on meanwhile
+    beginning.backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys() and want
+    for name, g in want.items():
+        torch.testing.assert_close(got[name], g, atol=1e-6, rtol=1e-5, msg=name)

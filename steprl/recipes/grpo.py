@@ -27,7 +27,7 @@ from transformers.cache_utils import DynamicCache
 from steprl.algos import (aggregate_loss, clipped_surrogate, entropy_from_logits, group_advantages, kl_penalty,
                           logprobs_and_entropy, token_logprobs, trajectory_returns, turn_level_group_advantages)
 from steprl.config import RunConfig
-from steprl.memory import keep_freed_memory
+from steprl.memory import keep_freed_memory, release_free_memory
 from steprl.models.loading import is_peft, save_checkpoint
 from steprl.models.mapped import release_reference
 from steprl.monitor import MetricsLogger
@@ -133,6 +133,9 @@ class Beginning:
     With gradients, its keys and values enter each micro-batch as leaves (`kv`), whose gradients
     accumulate over the micro-batches; `backward()` then sends the sum through the beginning's
     graph once. By the chain rule the parameters get the gradient of one pass over everything.
+    That graph is built only then, by running the beginning again (same weights and random
+    state, so the same keys and values): the first run keeps no activations, so none are held
+    while the micro-batches run (SmolLM2's 152 tokens: ~0.16 GB, for one more forward of them).
     Empty (`ids` = []) when the prompts share fewer than MIN_BEGINNING tokens or there is one
     micro-batch only (`completion_logits` then shares what it can within the pass).
     """
@@ -144,12 +147,16 @@ class Beginning:
         k = min(min(common_prefix(prompts[0], p) for p in prompts), min(len(p) for p in prompts) - 2)
         checkpointing = getattr(model, "is_activation_checkpointing", False)  # it turns the cache off
         self.ids = list(prompts[0][:k]) if micro_batches > 1 and k >= self.MIN_BEGINNING and not checkpointing else []
-        self.graph, self.kv = [], None
+        self.model, self.kv = None, None
         if self.ids:
-            out = model(input_ids=torch.tensor([self.ids]), use_cache=True, logits_to_keep=1)
-            self.graph = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-            grad = torch.is_grad_enabled()
-            self.kv = [tuple(x.detach().requires_grad_(grad) for x in pair) for pair in self.graph]
+            grad, self.rng = torch.is_grad_enabled(), torch.get_rng_state()  # dropout draws again alike
+            with torch.no_grad():
+                self.kv = [tuple(x.requires_grad_(grad) for x in pair) for pair in self.keys_values(model)]
+            self.model = model if grad else None
+
+    def keys_values(self, model) -> list[tuple]:
+        out = model(input_ids=torch.tensor([self.ids]), use_cache=True, logits_to_keep=1)
+        return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
 
     def of(self):
         """The `beginning` argument of completion_logits (None when there is none)."""
@@ -157,10 +164,14 @@ class Beginning:
 
     def backward(self) -> None:
         """Send the gradients the micro-batches left on the keys and values through the beginning."""
-        pairs = [(x, leaf.grad) for pair, leaves in zip(self.graph, self.kv or [])
-                 for x, leaf in zip(pair, leaves) if leaf.grad is not None]
-        if pairs and pairs[0][0].requires_grad:
-            torch.autograd.backward([x for x, _ in pairs], [g for _, g in pairs])
+        leaves = [x for pair in self.kv or [] for x in pair]
+        if self.model is None or all(x.grad is None for x in leaves):
+            return
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(self.rng)
+            graph = [x for pair in self.keys_values(self.model) for x in pair]
+        pairs = [(x, leaf.grad) for x, leaf in zip(graph, leaves) if leaf.grad is not None]
+        torch.autograd.backward([x for x, _ in pairs], [g for _, g in pairs])
 
 
 def completion_logprobs(model, trajs: list[Trajectory], with_entropy: bool = False, temperature: float = 1.0,
@@ -382,6 +393,7 @@ def grpo_step(model, ref_model, tokenizer, optimizer, params, task, tools, rende
     sampling = SamplingParams(max_new_tokens=knobs.max_new_tokens, temperature=g.temperature,
                               top_p=g.top_p, top_k=g.top_k)
     model.eval()
+    release_free_memory()  # the last passes' freed activations: not resident under the rollout's
     trajs = run_episodes(model, tokenizer, envs, episodes, sampling, renderer, generator)
     LlamaDecoder.forget(model)  # its weight copies go stale at the next update: free them for the passes
     rollout_seconds = timer.seconds

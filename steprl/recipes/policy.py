@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from steprl.config import LoraConfig, RunConfig
+from steprl.models.lean import lean_training
 from steprl.models.loading import apply_lora, is_peft, load_policy, resolve
 from steprl.models.mapped import frozen_reference
 from steprl.recipes.common import adamw, load_state
@@ -43,6 +44,7 @@ def setup_policy(cfg: RunConfig, stage: str, lora: LoraConfig, learning_rate: fl
     """
     base = resolve(previous_checkpoint(cfg, stage))
     model, tokenizer = load_policy(base)
+    lean_training(model)  # training passes that save no repeated keys, half the MLP's activations
     critic = value_model(model) if value_model is not None else None
     ref_model = None
     if lora.enabled:

@@ -48,7 +48,7 @@ from steprl.algos import (AdaptiveKLController, FixedKLController, aggregate_los
                           clipped_value_loss, discounted_returns, gae, kl_penalty, logprobs_and_entropy,
                           masked_mean, masked_whiten)
 from steprl.config import RunConfig
-from steprl.memory import keep_freed_memory
+from steprl.memory import keep_freed_memory, release_free_memory
 from steprl.models.loading import save_checkpoint, unwrap_peft
 from steprl.monitor import MetricsLogger
 from steprl.monitor.autofix import AutoFixer, Knobs, handle_oom
@@ -291,6 +291,7 @@ def ppo_step(model, value_model, ref_model, use_ref: bool, tokenizer, optimizer,
                               top_p=p.top_p, top_k=p.top_k)
     model.eval()
     value_model.eval()
+    release_free_memory()  # the last passes' freed activations: not resident under the rollout's
     trajs = run_episodes(model, tokenizer, envs, episodes, sampling, renderer, generator)
     LlamaDecoder.forget(model)  # its weight copies go stale at the next update: free them for the passes
     rollout_seconds = timer.seconds
