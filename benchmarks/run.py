@@ -324,7 +324,8 @@ def bench_generation(name, model, tok, prompts, batch, new_tokens, repeats, peak
 # --------------------------------------------------------------------------------- 3. our GRPO step
 
 def bench_grpo_ours(name, factory, lora: bool, s: dict, repeats: int, peak_gflops: float,
-                    kl_coef: float = 0.04, lr: float = 1e-6, max_turns: int = 1, micro_batch_size: int = 0) -> dict:
+                    kl_coef: float = 0.04, lr: float = 1e-6, max_turns: int = 1, micro_batch_size: int = 0,
+                    release_memory: bool = False) -> dict:
     """`grpo_step` timed: one warm-up step, then `repeats` steps; the rollout's share from the step's
     own `rollout_time`, the passes (reference + update) are the rest. Peak RSS of the steps alone
     (model, reference and optimiser state resident) and of the whole part (loading included)."""
@@ -344,6 +345,7 @@ def bench_grpo_ours(name, factory, lora: bool, s: dict, repeats: int, peak_gflop
     g.max_new_tokens, g.max_turns, g.kl_coef = s["max_new_tokens"], max_turns, kl_coef
     g.minibatch_size = s["prompts"] * s["generations"]  # one optimiser step per GRPO step, like TRL
     g.micro_batch_size, g.num_iterations, g.learning_rate = micro_batch_size, 1, lr
+    g.release_memory = release_memory
     g.temperature, g.top_p, g.top_k = 1.0, 1.0, 0
     g.lora = LoraConfig(enabled=lora, r=16, alpha=32, dropout=0.0, target_modules=list(LORA_TARGETS))
     validate(cfg)
@@ -641,6 +643,8 @@ def main(argv=None) -> int:
     ap.add_argument("--grpo-max-new-tokens", type=int, default=64)
     ap.add_argument("--grpo-micro-batch", type=int, default=0,
                     help="our GRPO step's micro_batch_size (0 = the whole minibatch of P x G in one pass)")
+    ap.add_argument("--grpo-release-memory", action="store_true",
+                    help="our GRPO step with release_memory (the heap's free pages returned before each rollout)")
     ap.add_argument("--grpo-max-turns", type=int, default=1,
                     help="our GRPO step's max_turns (1 = single turn, like TRL)")
     a = ap.parse_args(argv)
@@ -702,7 +706,8 @@ def main(argv=None) -> int:
     for lora in ((True, False) if "grpo" in parts else ()):
         try:
             grpo_rows.append(bench_grpo_ours(grpo_name, grpo_factory, lora, s, a.repeats, mm["gflops"],
-                                             max_turns=a.grpo_max_turns, micro_batch_size=a.grpo_micro_batch))
+                                             max_turns=a.grpo_max_turns, micro_batch_size=a.grpo_micro_batch,
+                                             release_memory=a.grpo_release_memory))
         except Exception as err:
             errors.append(f"our GRPO step ({'lora' if lora else 'full'}) failed: {type(err).__name__}: {err}")
             log(errors[-1] + "\n" + traceback.format_exc())

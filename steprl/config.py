@@ -117,6 +117,7 @@ class GRPOConfig:
     minibatch_size: int = 64  # trajectories per optimiser step
     micro_batch_size: int = 0  # trajectories per forward pass (gradient accumulation); 0 = minibatch_size
     gradient_checkpointing: bool = False
+    release_memory: bool = False  # free heap pages back to the OS before each rollout: lower peak RSS, slower passes
     loss_type: Literal["grpo", "dapo", "dr_grpo"] = "grpo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     credit: Literal["trajectory", "turn"] = "trajectory"

@@ -45,10 +45,12 @@ def release_free_memory() -> bool:
     """Give the heap's free pages back to the OS (glibc's `malloc_trim`), keeping its layout.
 
     Under `keep_freed_memory` the previous step's freed activations stay resident until reused.
-    The RL steps call this before their rollout, whose packed weights (own mappings) would
-    otherwise come on top of that high-water mark: SmolLM2, full fine-tuning, the rollout's peak
-    was the step's. The next training passes fault the released pages in again, ~0.15 s per GB
-    here. Returns False where it cannot (not glibc)."""
+    The RL steps call this before their rollout when `release_memory` is set: the rollout's
+    packed weights (own mappings) would otherwise come on top of that high-water mark (SmolLM2,
+    full fine-tuning in micro-batches of 4: the rollout's peak was the step's). The price is
+    paid by the next training passes, which fault the released pages in again: 0.15 s per GB on
+    a good day here, ~3 s per step of one pass of 16 (full fine-tuning) on a slow one
+    (docs/benchmarks.md, "Eleventh session"). Returns False where it cannot (not glibc)."""
     libc = _libc()
     if libc is None:
         return False

@@ -210,7 +210,9 @@ def test_grpo_step_forward_passes(tiny, monkeypatch, kl_coef):
     g.prompts_per_step, g.num_generations, g.max_new_tokens, g.max_turns = 2, 2, 4, 1
     g.minibatch_size, g.micro_batch_size, g.num_iterations, g.kl_coef = 4, 2, 1, kl_coef
     g.lora = LoraConfig(enabled=False)
-    calls = {"completion_logprobs": 0, "reference_logprobs": 0}
+    g.release_memory = kl_coef > 0  # one case each way
+    calls = {"completion_logprobs": 0, "reference_logprobs": 0, "release_free_memory": 0}
+    monkeypatch.setattr(grpo, "release_free_memory", lambda: calls.update(release_free_memory=1 + calls["release_free_memory"]))
     real_clp, real_ref = grpo.completion_logprobs, grpo.reference_logprobs
 
     def counted_clp(*a, **kw):
@@ -233,6 +235,7 @@ def test_grpo_step_forward_passes(tiny, monkeypatch, kl_coef):
                                     random.Random(0))
     assert len(trajs) == 4 and "loss" in metrics
     assert calls["reference_logprobs"] == (1 if kl_coef > 0 else 0)
+    assert calls["release_free_memory"] == (1 if g.release_memory else 0)  # before the rollout, when asked
     # 2 training micro-batches (+ the reference: no activations to keep, so its 4 sequences go in one pass)
     assert calls["completion_logprobs"] == 2 + (1 if kl_coef > 0 else 0)
 

@@ -393,7 +393,8 @@ def grpo_step(model, ref_model, tokenizer, optimizer, params, task, tools, rende
     sampling = SamplingParams(max_new_tokens=knobs.max_new_tokens, temperature=g.temperature,
                               top_p=g.top_p, top_k=g.top_k)
     model.eval()
-    release_free_memory()  # the last passes' freed activations: not resident under the rollout's
+    if g.release_memory:  # the last passes' freed activations: not resident under the rollout's
+        release_free_memory()
     trajs = run_episodes(model, tokenizer, envs, episodes, sampling, renderer, generator)
     LlamaDecoder.forget(model)  # its weight copies go stale at the next update: free them for the passes
     rollout_seconds = timer.seconds

@@ -291,7 +291,8 @@ def ppo_step(model, value_model, ref_model, use_ref: bool, tokenizer, optimizer,
                               top_p=p.top_p, top_k=p.top_k)
     model.eval()
     value_model.eval()
-    release_free_memory()  # the last passes' freed activations: not resident under the rollout's
+    if p.release_memory:  # the last passes' freed activations: not resident under the rollout's
+        release_free_memory()
     trajs = run_episodes(model, tokenizer, envs, episodes, sampling, renderer, generator)
     LlamaDecoder.forget(model)  # its weight copies go stale at the next update: free them for the passes
     rollout_seconds = timer.seconds

@@ -38,6 +38,7 @@ class PPOConfig:
     whiten_advantages: bool = True
     truncation_penalty: float = 0.0  # added to the final reward of an episode with a turn cut at max_new_tokens
     max_grad_norm: float = 1.0
+    release_memory: bool = False  # free heap pages back to the OS before each rollout: lower peak RSS, slower passes
     warmup_steps: int = 0
     log_every: int = 1
     save_every: int = 20
