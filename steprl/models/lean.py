@@ -13,9 +13,10 @@ gradients and AdamW's moments. Two of HF's modules save more than their backward
   product, 4 x [tokens, intermediate]. `GatedMLPTail` saves gate(x) and up(x) and recomputes
   the other two in the backward, element-wise.
 
-SmolLM2, GRPO micro-batches of 4 completions: 0.61 -> 0.43 GB saved per micro-batch, and the
-forward + backward is faster, not slower (no copies): 9.96 -> 9.14 s for 16 completions, the
-gradients equal to float rounding (docs/benchmarks.md, "Eleventh session").
+SmolLM2, GRPO micro-batches of 4 completions: 0.611 -> 0.404 GB saved per micro-batch, and the
+forward + backward is faster, not slower (no copies): 9.27 -> 8.76 s for 16 completions, the
+gradients equal to float rounding (`benchmarks/training_passes.py`; docs/benchmarks.md,
+"Eleventh session").
 """
 from __future__ import annotations
 
