@@ -16,11 +16,11 @@ import collections
 import copy
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402  (offline set-up, the benchmark's prompts)
+from prefill_decode import alternate  # noqa: E402
 import torch  # noqa: E402
 
 from steprl.memory import keep_freed_memory  # noqa: E402
@@ -93,13 +93,11 @@ def main() -> None:
         print(f"{name}: saved for the backward of one micro-batch of {a.micro_batch}, "
               f"{sum(saved.values()) / 1e9:.3f} GB: "
               + ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in saved.most_common()), flush=True)
-    times, grads = {name: [] for name in models}, {}
-    for r in range(a.repeats + 1):
-        for name in (list(models) if r % 2 == 0 else list(models)[::-1]):
-            start = time.perf_counter()
-            grads[name] = forward_backward(models[name], trajs, a.micro_batch)
-            if r:
-                times[name].append(time.perf_counter() - start)
+    grads = {}
+
+    def run(name):
+        grads[name] = forward_backward(models[name], trajs, a.micro_batch)
+    times = alternate({name: lambda name=name: run(name) for name in models}, a.repeats)
     worst = max(float((x - y).abs().max() / y.abs().max().clamp(min=1e-30))
                 for x, y in zip(grads["lean"], grads["HF"]) if y is not None)
     print(f"forward + backward of {len(trajs)} completions in micro-batches of {a.micro_batch}: "

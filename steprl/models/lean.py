@@ -104,7 +104,7 @@ def lean_mlp_forward(self, x):
     down = self.down_proj
     if torch.is_grad_enabled() and type(down) is torch.nn.Linear and down.bias is None:
         return GatedMLPTail.apply(self.gate_proj(x), self.up_proj(x), down.weight)
-    return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+    return type(self).forward(self, x)  # the class's own (HF's) forward
 
 
 def lean_training(model):
