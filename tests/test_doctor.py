@@ -275,3 +275,18 @@ def test_logger_escalates_and_warns_once_for_missing_sink(tmp_path, capsys):
     log.close()
     assert [(f.code, f.severity) for f in found] == [("kl_explosion", "warning"), ("kl_explosion", "critical")]
     assert capsys.readouterr().out.count(f"report_to '{sink}'") == 1
+
+
+@pytest.mark.parametrize("name", ["grpo", "my_experiment", "sft"])
+def test_rl_or_not_is_decided_from_the_metrics_not_the_folder_name(tmp_path, name):
+    """A healthy GRPO history (surrogate loss noisy around 0) gets the RL rules whatever its
+    directory is called, and an SFT history saved in a folder named grpo/ gets the SFT ones."""
+    rl = tmp_path / name
+    rl.mkdir()
+    (rl / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in make(GRPO, seed=3)))
+    assert "loss_not_decreasing" not in codes(doctor_dir(rl))
+    flat_sft = tmp_path / "grpo_named_sft" / "grpo"
+    flat_sft.mkdir(parents=True)
+    flat = make({"loss": (lambda u: 1.5, 0.02)}, seed=4)
+    (flat_sft / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in flat))
+    assert "loss_not_decreasing" in codes(doctor_dir(flat_sft))

@@ -25,6 +25,7 @@ KL_CRITICAL, KL_WARNING, KL_LOW = 0.5, 0.1, 0.001
 KL_SPIKE = 2.5  # one logged step at 5x the critical line is an explosion on its own
 INT_KEYS = {"num_generations", "per_device_batch_size", "max_new_tokens", "num_epochs"}
 RL_STAGES = {"grpo", "ppo", "rl"}
+RL_METRICS = ("reward", "reward_std", "kl")  # logged by RL stages only
 STAGE_ORDER = ["pretrain", "sft", "rm", "grpo", "ppo", "eval"]
 CONTEXT_KEYS = {  # context key -> config spellings we accept
     "learning_rate": ("learning_rate", "lr"),
@@ -87,9 +88,7 @@ class _History:
             vals = self.get(key)[1]
             if _num(self.ctx.get(key)) is None and len(vals) and pick(vals) > 0:
                 self.ctx[key] = float(pick(vals))
-        stage = str(context.get("stage", "")).lower()
-        self.is_rl = stage in RL_STAGES or (not stage and any(
-            "reward" in e or "kl" in e for e in self.raw))
+        self.is_rl = is_rl_history(self.raw, context)
 
     def get(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         if key not in self._cache:
@@ -98,6 +97,15 @@ class _History:
             self._cache[key] = (np.array([p[0] for p in pts], dtype=np.int64),
                                 np.array([p[1] for p in pts], dtype=float))
         return self._cache[key]
+
+
+def is_rl_history(history: list[dict], context: dict) -> bool:
+    """An RL history logs episode metrics (reward, KL); a stage named in the context by the
+    live logger or a config counts too. A directory's name never decides: a GRPO run saved
+    under any name gets the RL rules, an SFT run the SFT ones."""
+    if str(context.get("stage", "")).lower() in RL_STAGES:
+        return True
+    return any(key in e for e in history for key in RL_METRICS)
 
 
 def _noise(y: np.ndarray) -> float:
@@ -580,7 +588,10 @@ def stage_dirs(path) -> list[Path]:
 
 
 def load_context(stage_dir: Path) -> dict:
-    ctx = {"stage": stage_dir.name}
+    """Hyper-parameters for the doctor's advice from the run's config, if there is one. The
+    directory's name only picks the config section to read; whether the history is RL is
+    decided from its metrics (`is_rl_history`)."""
+    ctx = {}
     for cfg_path in (stage_dir.parent / "config.yaml", stage_dir / "config.yaml"):
         if cfg_path.is_file():
             try:
