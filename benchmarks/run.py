@@ -231,7 +231,8 @@ def task_prompts(tokenizer, n: int):
     """(prompt ids, chat messages, problems) of the first n calc training problems, rendered exactly
     as a GRPO step renders them (system prompt + tool description for models that need it)."""
     from steprl.config import RewardConfig
-    from steprl.recipes.evaluate import make_envs, tool_setup
+    from steprl.envs.tool_env import make_envs
+    from steprl.rollout.chat import tool_setup
     from steprl.tasks import get_task
 
     task = get_task("calc")
@@ -333,11 +334,14 @@ def bench_grpo_ours(name, factory, lora: bool, s: dict, repeats: int, peak_gflop
     from steprl.models.lean import lean_training
     from steprl.models.loading import apply_lora
     from steprl.models.mapped import frozen_reference
-    from steprl.monitor.autofix import Knobs
-    from steprl.recipes.common import adamw
-    from steprl.recipes.evaluate import tool_setup
     from steprl.recipes.grpo import grpo_step
+    from steprl.rollout import NativeEngine
+    from steprl.rollout.chat import tool_setup
+    from steprl.runtime import Runtime
     from steprl.tasks import get_task
+    from steprl.training.common import adamw
+    from steprl.training.policy import Policy
+    from steprl.training.rl import RLState
 
     cfg = RunConfig(task=TaskConfig(name="calc"))
     g = cfg.grpo
@@ -345,7 +349,6 @@ def bench_grpo_ours(name, factory, lora: bool, s: dict, repeats: int, peak_gflop
     g.max_new_tokens, g.max_turns, g.kl_coef = s["max_new_tokens"], max_turns, kl_coef
     g.minibatch_size = s["prompts"] * s["generations"]  # one optimiser step per GRPO step, like TRL
     g.micro_batch_size, g.num_iterations, g.learning_rate = micro_batch_size, 1, lr
-    g.release_memory = release_memory
     g.temperature, g.top_p, g.top_k = 1.0, 1.0, 0
     g.lora = LoraConfig(enabled=lora, r=16, alpha=32, dropout=0.0, target_modules=list(LORA_TARGETS))
     validate(cfg)
@@ -367,17 +370,17 @@ def bench_grpo_ours(name, factory, lora: bool, s: dict, repeats: int, peak_gflop
     problems = task.problems("train", 1000, seed=0)
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = adamw(params, lr=g.learning_rate, weight_decay=0.0)  # as the recipes build it
-    knobs = Knobs(g.learning_rate, g.kl_coef, g.micro_batch_size or g.minibatch_size, g.num_generations,
-                  g.max_new_tokens, g.max_grad_norm, g.gradient_checkpointing)
-    generator, rng = torch.Generator().manual_seed(cfg.seed), random.Random(cfg.seed)
+    state = RLState(g, Policy(model, tok, ref_model, "", params, optimizer, None), Runtime(torch.device("cpu"), "fp32"),
+                    NativeEngine(model, tok, release_memory), task, tools, renderer, suffix, problems,
+                    generator=torch.Generator().manual_seed(cfg.seed), rng=random.Random(cfg.seed))
     rss_part = peak_rss_since_reset_gb(part_reset)  # loading and set-up
     steps_reset = reset_peak_rss()
 
     times, rollout, flops, lengths, prompt_lens = [], [], [], [], []
     for step in range(1 + repeats):  # step 0 is the warm-up
         t = time.perf_counter()
-        metrics, trajs = grpo_step(model, ref_model, tok, optimizer, params, task, tools, renderer,
-                                   suffix, problems, step, g, knobs, generator, rng)
+        state.step = step
+        metrics, trajs = grpo_step(state)
         dt = time.perf_counter() - t
         log(f"grpo ours {name} {'lora' if lora else 'full'} step {step}{' (warm-up)' if step == 0 else ''}: "
             f"{dt:.2f} s (rollout {metrics['rollout_time']:.2f} s)")
@@ -390,7 +393,7 @@ def bench_grpo_ours(name, factory, lora: bool, s: dict, repeats: int, peak_gflop
         prompt_lens.append(sum(len(t.prompt_ids) for t in trajs) / len(trajs))
     rss_steps = peak_rss_since_reset_gb(steps_reset)
     rss_part = max(rss_part, rss_steps)
-    del model, ref_model, optimizer, params
+    del model, ref_model, optimizer, params, state
     free_memory()
     peak, total_s, total_rollout = peak_gflops * 1e9, sum(times), sum(rollout)
     total_passes = total_s - total_rollout
@@ -406,7 +409,7 @@ def bench_grpo_ours(name, factory, lora: bool, s: dict, repeats: int, peak_gflop
         "mean_completion_tokens": statistics.mean(lengths), "mean_prompt_tokens": statistics.mean(prompt_lens),
         "completion_tokens_per_s": statistics.mean(lengths) * n_seq * len(times) / total_s,
         "params_matmul": P["matmul"], "params_lora": P_A, "max_turns": max_turns,
-        "micro_batch_size": knobs.micro_batch_size,
+        "micro_batch_size": g.micro_batch_size or g.minibatch_size,
         "step_flops_simple": summed("simple") / len(flops), "step_flops_min_work": summed("min_work") / len(flops),
         # the training step: reference + update FLOPs over the time after the rollout
         "roofline_fraction": summed("simple", ("reference", "update")) / total_passes / peak,
@@ -628,7 +631,7 @@ def main(argv=None) -> int:
                     help="comma-separated parts to run: gen (generation), grpo (our step), trl (TRL's step)")
     ap.add_argument("--default-malloc", action="store_true",
                     help="leave glibc's malloc at its defaults. Without it the whole process, peers included, "
-                         "runs with the setting steprl's RL recipes use (memory.keep_freed_memory)")
+                         "runs with the setting steprl's runtime uses on the CPU (memory.keep_freed_memory)")
     ap.add_argument("--skip-smollm2", action="store_true", help="tiny model only (GRPO on the tiny model)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats (median), after one warm-up")
     ap.add_argument("--batches", default="16,64", help="generation batch sizes")

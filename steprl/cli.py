@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-turns", type=int, default=3)
     ev.add_argument("--max-new-tokens", type=int, default=64)
     ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--engine", default="auto", choices=["auto", "native", "hf"],
+                    help="rollout engine: native (our CPU engine, Llama-family) or hf (transformers' generate)")
+    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ev.add_argument("--json", action="store_true")
     ins = sub.add_parser("inspect", help="show a sampled trajectory with trained tokens highlighted")
     ins.add_argument("path", help="a samples.jsonl, a stage dir or a run dir")
@@ -86,9 +89,13 @@ def cmd_eval(args) -> int:
     from steprl.tasks import get_task
 
     task = get_task(args.task, **_run_task_args(args.model, args.task), **({"data": args.data} if args.data else {}))
+    from steprl.runtime import resolve_device
+
     model, tokenizer = load_policy(_resolve_eval_model(args.model))
+    model.to(resolve_device(args.device))
     metrics, trajs = evaluate(model, tokenizer, task, args.split, args.limit, args.batch_size,
-                              args.max_new_tokens, args.max_turns)
+                              args.max_new_tokens, args.max_turns, engine=args.engine)
+    metrics["engine"] = args.engine
     if not args.json:
         for t in trajs[:2]:
             print("---", t.problem.question, "| expected", t.problem.answer)

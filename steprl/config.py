@@ -117,7 +117,6 @@ class GRPOConfig:
     minibatch_size: int = 64  # trajectories per optimiser step
     micro_batch_size: int = 0  # trajectories per forward pass (gradient accumulation); 0 = minibatch_size
     gradient_checkpointing: bool = False
-    release_memory: bool = False  # free heap pages back to the OS before each rollout: lower peak RSS, slower passes
     loss_type: Literal["grpo", "dapo", "dr_grpo"] = "grpo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
     credit: Literal["trajectory", "turn"] = "trajectory"
@@ -146,10 +145,103 @@ class DoctorConfig:
     auto_fix: bool = False
 
 
-# The rm and ppo stage configs live beside their recipes. Imported here, after LoraConfig and
-# RewardConfig (which they use), so either module can be imported first.
-from steprl.recipes.ppo_config import PPOConfig  # noqa: E402
-from steprl.recipes.rm_config import CORRUPTIONS, RMConfig  # noqa: E402
+@dataclass
+class PPOConfig:
+    """The `ppo` stage (recipes/ppo.py); names match GRPOConfig where the meaning does."""
+    steps: int = 60
+    prompts_per_step: int = 32
+    num_generations: int = 1  # episodes per prompt (PPO needs no group; >1 only for more data)
+    max_new_tokens: int = 64  # per assistant turn
+    max_turns: int = 3
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    learning_rate: float = 1e-4
+    critic_learning_rate: float | None = None  # None = learning_rate
+    kl_coef: float = 0.05  # beta (initial value when adaptive_kl); 0 and not adaptive = no reference pass
+    kl_in_reward: bool = True  # True: r_j -= beta * k1_j on every token; False: + beta * KL_est in the loss
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # for the loss (kl_in_reward False) and the `kl` metric
+    adaptive_kl: bool = False  # Ziegler et al.: steer beta so that the measured KL tracks target_kl
+    target_kl: float = 0.05  # per-token KL target of the adaptive controller
+    kl_horizon: float = 10000.0  # episodes over which the controller corrects a 20% error
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    num_iterations: int = 2  # mu: optimisation epochs over each batch of rollouts
+    minibatch_size: int = 32  # episodes per optimiser step
+    micro_batch_size: int = 0  # episodes per forward pass (gradient accumulation); 0 = minibatch_size
+    gradient_checkpointing: bool = False
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "dapo"  # policy-loss aggregation; "dapo" = token mean
+    credit: Literal["trajectory", "turn"] = "trajectory"  # see recipes/ppo.py and docs/algorithms.md
+    gamma: float = 1.0  # discount between turns
+    gae_lambda: float = 0.95
+    critic: Literal["separate", "shared"] = "separate"  # own trunk (copy of the policy) or a head on the policy
+    vf_coef: float = 0.5
+    value_clip: float = 0.2  # clipped value loss: V within V_old +- value_clip
+    whiten_advantages: bool = True
+    truncation_penalty: float = 0.0  # added to the final reward of an episode with a turn cut at max_new_tokens
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+    log_every: int = 1
+    save_every: int = 20
+    n_samples_logged: int = 4
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig())
+    reward: RewardConfig = field(default_factory=lambda: RewardConfig())
+
+
+@dataclass
+class RMConfig:
+    """The `rm` stage (recipes/rm.py), a Bradley-Terry reward model; names follow TRL's RewardConfig
+    where it has one (center_rewards_coefficient, max_length)."""
+    data: str | None = None  # JSONL {"prompt", "chosen", "rejected"[, "margin"]}, text or messages; None = generated pairs
+    test_data: str | None = None  # held-out JSONL; None = generated test pairs (or 10% of `data`)
+    n_pairs: int = 400  # generated training pairs, one per train problem
+    n_test_pairs: int = 200  # generated held-out pairs, from the task's test split
+    corruptions: list[str] = field(default_factory=lambda: ["wrong_number", "wrong_answer", "missing_answer", "malformed_call"])  # the task's kinds of rejected answers
+    epochs: int = 2
+    batch_size: int = 16  # pairs per optimiser step
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    max_length: int = 512  # tokens per conversation (longer ones are cut at the end)
+    use_margin: bool = False  # per-pair margin: JSONL "margin", or the rule-reward gap for generated pairs
+    center_rewards_coefficient: float = 0.0  # + c * mean((r_w + r_l)^2): keeps rewards centred on 0
+    # r from the last token's score ("last", as TRL) or the mean score over the tokens the assistant
+    # wrote ("mean": each token can flag what it got wrong, e.g. a digit that does not match the tool result)
+    pooling: Literal["last", "mean"] = "last"
+    # "classifier": the scalar head above. "implicit": no head, the LM itself scores (DPO's implicit
+    # reward, Rafailov et al. 2023; as a process reward, Yuan et al. 2024):
+    #     r(x, y) = beta * sum_{t in assistant tokens} [log pi_theta(y_t | .) - log pi_ref(y_t | .)]
+    # pi_theta starts as the base and is trained with the same Bradley-Terry loss; pi_ref is the base
+    # (under LoRA: adapters disabled). pooling does not apply.
+    type: Literal["classifier", "implicit"] = "classifier"
+    beta: float = 0.05  # implicit only: the scale of the log-ratio
+    init_from: str | None = None  # default: the last policy stage before rm (else model.name_or_path)
+    log_every: int = 5
+    eval_batch_size: int = 64
+    lora: LoraConfig = field(default_factory=lambda: LoraConfig())  # LoRA (task SEQ_CLS, score head trained) or full
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how the tensors compute; every stage reads it (steprl/runtime.py)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when available, else cpu
+    # bf16 = autocast with fp32 master weights and optimizer state; log-probs from fp32 logits
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    threads: int = 0  # torch threads on the CPU; 0 = all cores
+
+
+@dataclass
+class RolloutConfig:
+    """Which engine samples episodes (steprl/rollout/): native = our batched KV-cache engine for
+    Llama-family models on the CPU; hf = transformers' generate, any causal LM on any device."""
+    engine: Literal["auto", "native", "hf"] = "auto"  # auto: native where it supports model and device
+    # free the heap's pages back to the OS before each rollout (native engine on glibc):
+    # a lower peak RSS, paid for by page faults in the next training passes
+    release_memory: bool = False
+    tool_workers: int = 8  # threads that run the tools of the turns ending at one decode step
+
+
 
 
 @dataclass
@@ -159,9 +251,10 @@ class RunConfig:
     seed: int = 0
     stages: list[str] = field(default_factory=lambda: ["pretrain", "sft", "grpo"])
     eval_after: list[str] = field(default_factory=lambda: ["pretrain", "sft", "grpo"])
-    threads: int = 0  # torch threads; 0 = all cores
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     task: TaskConfig = field(default_factory=TaskConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -279,9 +372,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"sft.no_tool_fraction: must be in [0, 1], got {cfg.sft.no_tool_fraction}")
     if not r.data and r.n_pairs < 1:
         raise ConfigError(f"rm.n_pairs: must be >= 1 when rm.data is not set, got {r.n_pairs}")
-    bad = [c for c in r.corruptions if c not in CORRUPTIONS]
-    if bad or not r.corruptions:
-        raise ConfigError(f"rm.corruptions: unknown or empty {bad or r.corruptions} (allowed: {', '.join(CORRUPTIONS)})")
+    if not r.corruptions:
+        raise ConfigError("rm.corruptions: must name at least one of the task's corruptions")
     if r.type == "implicit" and r.pooling != "last":
         raise ConfigError("rm.pooling: applies to rm.type classifier only (an implicit RM sums log-ratios over the assistant's tokens)")
     if r.type == "implicit" and not r.beta > 0:

@@ -4,13 +4,14 @@ import pytest
 import torch
 
 from steprl.algos import aggregate_loss
-from steprl.monitor.autofix import AutoFixer, Knobs
+from steprl.config import GRPOConfig, PPOConfig
+from steprl.monitor.autofix import AutoFixer, doctor_context
 from steprl.monitor.doctor import Finding
 
 
 def fixer():
     model = torch.nn.Linear(2, 1)
-    return model, AutoFixer(model, Knobs(learning_rate=5e-5, kl_coef=0.05, micro_batch_size=8,
+    return model, AutoFixer(model, GRPOConfig(learning_rate=5e-5, kl_coef=0.05, micro_batch_size=8,
                                          num_generations=8, max_new_tokens=512))
 
 
@@ -23,7 +24,7 @@ def test_kl_explosion_lowers_lr_raises_kl_and_rolls_back():
     f = Finding("kl_explosion", "critical", 5, "kl 0.9", "lower lr",
                 {"learning_rate": 1e-5, "kl_coef": 0.1, "rollback": True})
     actions = fx.apply([f], step=5)
-    assert fx.knobs.learning_rate == 1e-5 and fx.knobs.kl_coef == 0.1
+    assert fx.settings.learning_rate == 1e-5 and fx.settings.kl_coef == 0.1
     assert torch.equal(model.weight, good) and fx.rolled_back
     assert len(actions) == 1 and actions[0].severity == "info"
     assert "learning_rate 5e-05 -> 1e-05" in actions[0].evidence and "step 3" in actions[0].evidence
@@ -37,24 +38,24 @@ def test_apply_leaves_out_of_memory_to_the_ladder():
                 {"num_generations": 4, "per_device_batch_size": 4, "max_new_tokens": 256,
                  "gradient_checkpointing": True})
     assert fx.apply([f], step=2) == []
-    k = fx.knobs
+    k = fx.settings
     assert (k.micro_batch_size, k.num_generations, k.max_new_tokens, k.gradient_checkpointing) == (8, 8, 512, False)
 
 
-def test_knobs_as_context_follows_the_fixes():
+def test_doctor_context_follows_the_fixes():
     _, fx = fixer()
     fx.apply([Finding("kl_explosion", "critical", 5, "", "", {"learning_rate": 1e-5, "kl_coef": 0.1})], step=5)
     fx.shrink_for_oom(step=6)
-    assert fx.knobs.as_context() == {"learning_rate": 1e-5, "kl_coef": 0.1, "num_generations": 8,
+    assert doctor_context(fx.settings) == {"learning_rate": 1e-5, "kl_coef": 0.1, "num_generations": 8,
                                      "per_device_batch_size": 4, "max_new_tokens": 512}
 
 
 def test_oom_ladder_one_rung_per_oom_in_order():
-    fx = AutoFixer(torch.nn.Linear(2, 1), Knobs(learning_rate=1e-4, kl_coef=0.05, micro_batch_size=2,
+    fx = AutoFixer(torch.nn.Linear(2, 1), GRPOConfig(learning_rate=1e-4, kl_coef=0.05, micro_batch_size=2,
                                                 num_generations=8, max_new_tokens=40))
     seen = []
     while (action := fx.shrink_for_oom(step=1)) is not None:
-        k = fx.knobs
+        k = fx.settings
         seen.append((k.micro_batch_size, k.num_generations, k.max_new_tokens, k.gradient_checkpointing))
         assert action.code == "out_of_memory" and action.severity == "info"
     assert seen == [(1, 8, 40, False), (1, 4, 40, False), (1, 2, 40, False), (1, 2, 20, False),
@@ -65,34 +66,34 @@ def test_info_findings_and_findings_without_fix_change_nothing():
     _, fx = fixer()
     assert fx.apply([Finding("kl_too_low", "info", 1, "", "", {"learning_rate": 1.0}),
                      Finding("entropy_collapse", "warning", 1, "", "")], step=1) == []
-    assert fx.knobs.learning_rate == 5e-5
+    assert fx.settings.learning_rate == 5e-5
 
 
 def test_adaptive_kl_moves_toward_target():
     _, fx = fixer()
-    before = fx.knobs.kl_coef
+    before = fx.settings.kl_coef
     fx.adapt_kl(kl=0.5, n_samples=100)  # KL far above the 0.05 target: coefficient rises
-    assert fx.knobs.kl_coef > before
-    high = fx.knobs.kl_coef
+    assert fx.settings.kl_coef > before
+    high = fx.settings.kl_coef
     fx.adapt_kl(kl=0.001, n_samples=100)
-    assert fx.knobs.kl_coef < high
+    assert fx.settings.kl_coef < high
 
 
 def test_oom_ladder_never_grows_a_size():
     """A small PPO run (1 generation, 8 new tokens) is already below the ladder's floors
     (num_generations >= 2, max_new_tokens >= 16): only the micro-batch and checkpointing move."""
-    fx = AutoFixer(torch.nn.Linear(2, 1), Knobs(learning_rate=1e-4, kl_coef=0.05, micro_batch_size=4,
+    fx = AutoFixer(torch.nn.Linear(2, 1), GRPOConfig(learning_rate=1e-4, kl_coef=0.05, micro_batch_size=4,
                                                 num_generations=1, max_new_tokens=8))
     seen = []
     while fx.shrink_for_oom(step=1) is not None:
-        k = fx.knobs
+        k = fx.settings
         seen.append((k.micro_batch_size, k.num_generations, k.max_new_tokens, k.gradient_checkpointing))
     assert seen == [(2, 1, 8, False), (1, 1, 8, False), (1, 1, 8, True)]
 
 
 def test_rollback_restores_every_module_given():
     policy, value = torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
-    fx = AutoFixer([policy, value], Knobs(1e-4, 0.05, 4, 1, 8))
+    fx = AutoFixer([policy, value], PPOConfig(learning_rate=1e-4, kl_coef=0.05, micro_batch_size=4, num_generations=1, max_new_tokens=8))
     fx.snapshot(step=1)
     good = [policy.weight.detach().clone(), value.weight.detach().clone()]
     with torch.no_grad():
@@ -124,7 +125,7 @@ from test_rm_ppo import base, config, read_jsonl  # noqa: E402,F401  (the toy ch
 
 from steprl.config import LoraConfig  # noqa: E402
 from steprl.recipes import ppo  # noqa: E402
-from steprl.recipes.ppo_config import PPOConfig  # noqa: E402
+from steprl.training import rl  # noqa: E402
 
 
 
@@ -144,7 +145,7 @@ def test_ppo_kl_explosion_lowers_lr_and_rolls_back_policy_and_critic(base, tmp_p
     policy and the separate critic both back at the last weights a healthy step sampled from."""
     rollbacks = []
 
-    class Spy(ppo.AutoFixer):
+    class Spy(rl.AutoFixer):
         def rollback(self):
             done = super().rollback()
             policy, critic = self.model  # both handed to the fixer
@@ -154,7 +155,7 @@ def test_ppo_kl_explosion_lowers_lr_and_rolls_back_policy_and_critic(base, tmp_p
                               all(torch.equal(now[n], v) for n, v in self.good.items())))
             return done
 
-    monkeypatch.setattr(ppo, "AutoFixer", Spy)
+    monkeypatch.setattr(rl, "AutoFixer", Spy)
     rows, doctor = ppo_run(base, tmp_path, steps=4, learning_rate=1.0, critic="separate", kl_coef=0.05)
     explosion = [d for d in doctor if d["code"] == "kl_explosion"]
     assert explosion[0]["severity"] == "critical"
@@ -190,7 +191,7 @@ def test_ppo_nan_loss_is_skipped_and_lr_backs_off(base, tmp_path, monkeypatch):
 
 
 def test_ppo_oom_halves_the_micro_batch_and_retries(base, tmp_path, monkeypatch):
-    real = ppo.run_episodes
+    real = rl.run_episodes
 
     def oom_once(*args, **kwargs):
         if not getattr(oom_once, "raised", False):
@@ -198,7 +199,7 @@ def test_ppo_oom_halves_the_micro_batch_and_retries(base, tmp_path, monkeypatch)
             raise torch.OutOfMemoryError("toy")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ppo, "run_episodes", oom_once)
+    monkeypatch.setattr(rl, "run_episodes", oom_once)
     rows, doctor = ppo_run(base, tmp_path, steps=1, critic="shared")
     assert rows[0] == {"step": 1, "event": "oom"} and rows[-1]["step"] == 1 and "loss" in rows[-1]
     action = next(d for d in doctor if d["code"] == "out_of_memory" and d["severity"] == "info")

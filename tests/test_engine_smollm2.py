@@ -64,7 +64,7 @@ def assert_greedy_equals_hf(model, tok, prompts, stop):
 
 
 def test_sampled_logprobs_equal_a_fresh_forward(smollm2):
-    from steprl.recipes.grpo import completion_logprobs
+    from steprl.training.passes import completion_logprobs
     from steprl.rollout.sampling import SamplingParams, generate
 
     model, tok, prompts, stop = smollm2

@@ -3,11 +3,14 @@ import torch
 from steprl.config import GRPOConfig, RewardConfig
 from steprl.envs.tool_env import ToolEnv
 from steprl.models.tiny import render_chatml
-from steprl.recipes.grpo import completion_logprobs, token_advantages
-from steprl.rollout.episodes import ChatRenderer, run_episodes
+from steprl.recipes.grpo import token_advantages
+from steprl.rollout import NativeEngine
+from steprl.rollout.chat import ChatRenderer
+from steprl.rollout.episodes import run_episodes
 from steprl.rollout.sampling import SamplingParams, generate, left_pad
 from steprl.tasks.base import Problem
 from steprl.tools import calculator, format_tool_call
+from steprl.training.passes import completion_logprobs
 
 PROBLEM = Problem("p", "Sam has 12 apples. He finds 5 more. How many apples does Sam have now?", "17",
                   {"expression": "12 + 5"})
@@ -86,7 +89,7 @@ def test_rollout_keeps_sampled_tokens_and_logprobs(tiny):
     g = torch.Generator().manual_seed(0)
     problems = task.problems("train", 6)
     envs = [env_for(task) for _ in problems]
-    trajs = run_episodes(model, tok, envs, problems, SamplingParams(max_new_tokens=16), generator=g)
+    trajs = run_episodes(NativeEngine(model, tok), tok, envs, problems, SamplingParams(max_new_tokens=16), generator=g)
     for t in trajs:
         assert len(t.ids) == len(t.mask) == len(t.logps) == len(t.turn_index)
         assert t.n_turns >= 1 and len(t.turn_texts) == t.n_turns
@@ -104,7 +107,7 @@ def test_observation_tokens_get_no_advantage(tiny):
     model, tok, task = tiny
     traj_problems = [PROBLEM] * 2
     envs = [env_for(task) for _ in traj_problems]
-    trajs = run_episodes(model, tok, envs, traj_problems, SamplingParams(max_new_tokens=8),
+    trajs = run_episodes(NativeEngine(model, tok), tok, envs, traj_problems, SamplingParams(max_new_tokens=8),
                          generator=torch.Generator().manual_seed(1))
     trajs[0].turn_rewards, trajs[1].turn_rewards = [1.0], [0.0]
     width = max(len(t.ids) for t in trajs)
@@ -121,7 +124,7 @@ def test_logprobs_at_sampling_temperature_match(tiny):
     model, tok, task = tiny
     problems = task.problems("train", 3)
     envs = [env_for(task) for _ in problems]
-    trajs = run_episodes(model, tok, envs, problems, SamplingParams(max_new_tokens=8, temperature=0.7),
+    trajs = run_episodes(NativeEngine(model, tok), tok, envs, problems, SamplingParams(max_new_tokens=8, temperature=0.7),
                          generator=torch.Generator().manual_seed(2))
     logp, _ = completion_logprobs(model, trajs, temperature=0.7)
     width = logp.shape[1]
@@ -137,6 +140,8 @@ class ScriptedEnv:
 
     def __init__(self, turns: int):
         self.turns, self.correct, self.answer, self.n_calls, self.n_failures = turns, False, None, 0, 0
+
+    stop_strings = ("</tool_call>", "</answer>")
 
     def reset(self, problem):
         self.k = 0
@@ -187,7 +192,7 @@ def test_multi_turn_rows_share_one_batch_and_match_turn_by_turn(tiny):
     problems = task.problems("train", 6)
     turns = [1, 3, 2, 3, 1, 2]
     params = SamplingParams(max_new_tokens=10, temperature=0.0)
-    trajs = run_episodes(model, tok, [ScriptedEnv(k) for k in turns], problems, params)
+    trajs = run_episodes(NativeEngine(model, tok), tok, [ScriptedEnv(k) for k in turns], problems, params)
     ids, masks, logps = turn_by_turn(model, tok, problems, turns, params)
     assert [t.n_turns for t in trajs] == turns
     for t, i, m, lp in zip(trajs, ids, masks, logps):
@@ -196,7 +201,7 @@ def test_multi_turn_rows_share_one_batch_and_match_turn_by_turn(tiny):
         assert t.turn_index.count(-1) == m.count(0)  # observations belong to no turn
         assert sorted({k for k in t.turn_index if k >= 0}) == list(range(t.n_turns))
     assert max(len(t.ids) for t in trajs) > 2 * params.max_new_tokens  # later turns really ran
-    sampled = run_episodes(model, tok, [ScriptedEnv(k) for k in turns], problems,
+    sampled = run_episodes(NativeEngine(model, tok), tok, [ScriptedEnv(k) for k in turns], problems,
                            SamplingParams(max_new_tokens=10, temperature=1.0), generator=torch.Generator().manual_seed(3))
     logp, _ = completion_logprobs(model, sampled)
     width = logp.shape[1]

@@ -10,7 +10,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from steprl.config import LoraConfig
 from steprl.models.lean import GROUPED, grouped_attention, lean_training
 from steprl.models.loading import apply_lora
-from steprl.recipes.grpo import Beginning, completion_logprobs
+from steprl.training.passes import Beginning, completion_logprobs
 from steprl.rollout.episodes import Trajectory
 from steprl.tasks.base import Problem
 

@@ -11,8 +11,11 @@ from steprl.algos import discounted_returns, turn_level_group_advantages
 from steprl.config import RewardConfig, load_config
 from steprl.envs.tool_env import ToolEnv
 from steprl.recipes import rm
-from steprl.recipes.evaluate import ANSWER_FORMAT, make_envs, tool_setup
-from steprl.rollout.episodes import ChatRenderer, run_episodes
+from steprl.envs.tool_env import make_envs
+from steprl.rollout import NativeEngine
+from steprl.rollout.chat import ChatRenderer, tool_setup
+from steprl.rollout.episodes import run_episodes
+from steprl.tasks.base import Task
 from steprl.rollout.sampling import SamplingParams
 from steprl.tasks import get_task
 from steprl.tasks.calc import DIRECT_PROMPT, CalcTask
@@ -81,7 +84,7 @@ def test_tool_setup_without_tools_on_a_foreign_template_asks_for_the_answer_form
     other = copy.deepcopy(tok)
     other.chat_template = tok.chat_template + "{# not the embedded template #}"
     tools, renderer, suffix = tool_setup(CalcTask(tools=False), other)
-    assert tools == {} and suffix == " " + ANSWER_FORMAT and renderer.tools_schema is None
+    assert tools == {} and suffix == " " + Task.answer_format and renderer.tools_schema is None
     _, _, agentic_suffix = tool_setup(CalcTask(), other)
     assert "calculator" in agentic_suffix  # the agentic task still describes its tool
 
@@ -92,7 +95,7 @@ def test_pbrft_rollouts_have_one_turn(tiny):
     tools, renderer, suffix = tool_setup(task, tok)
     problems = task.problems("test", 4)
     envs = make_envs(task, tools, RewardConfig(), 3, len(problems), suffix)
-    trajs = run_episodes(model, tok, envs, problems, SamplingParams(max_new_tokens=8, temperature=1.0), renderer)
+    trajs = run_episodes(NativeEngine(model, tok), tok, envs, problems, SamplingParams(max_new_tokens=8, temperature=1.0), renderer)
     assert all(t.n_turns == 1 and t.n_tool_calls == 0 and all(t.mask) for t in trajs)
 
 
@@ -262,16 +265,15 @@ def test_rm_corruptions_of_a_direct_answer():
     """Every corruption kind applies to a single-turn solution and scores below it under the rules."""
     import random
 
-    from steprl.recipes.rm import corrupt, rule_reward
-    from steprl.recipes.rm_config import CORRUPTIONS
+    from steprl.recipes.rm import rule_reward
     from steprl.tasks.calc import CalcTask
 
     task = CalcTask(tools=False)
     problems = task.problems("train", 20, seed=3)
     for problem in problems:
         solution = task.solution_messages(problem)
-        for kind in CORRUPTIONS:
-            bad = corrupt(solution, kind, {}, random.Random(0))
+        for kind in task.corruptions:
+            bad = task.corrupt(solution, kind, {}, random.Random(0))
             assert bad[:-1] == solution[:-1]
             assert rule_reward(task, {}, problem, bad) < rule_reward(task, {}, problem, solution)
 

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from steprl.config import LoraConfig, RunConfig
+from steprl.config import LoraConfig, PPOConfig, RMConfig, RunConfig
 from steprl.recipes import ppo, rm
-from steprl.recipes.evaluate import tool_setup
-from steprl.recipes.ppo_config import PPOConfig
-from steprl.recipes.rm_config import RMConfig
+from steprl.rewards import reward_model
+from steprl.rollout.chat import tool_setup
+from steprl.training.policy import VALUE_FILE
 from steprl.rewards import resolve_reward
 from steprl.rollout.episodes import Trajectory
 from steprl.tasks.base import Problem
@@ -113,7 +113,7 @@ def test_rm_lora_saves_a_merged_model(base, tmp_path):
     info = rm.run(cfg)
     ckpt = Path(info["checkpoint"])
     assert (ckpt / "model.safetensors").is_file() and not (ckpt / "adapter_config.json").exists()
-    assert len(rm.RewardModelScorer(str(ckpt))(["q"], ["a"])) == 1
+    assert len(reward_model.RewardModelScorer(str(ckpt))(["q"], ["a"])) == 1
 
 
 @pytest.mark.parametrize("use_lora", [False, True])
@@ -126,14 +126,14 @@ def test_rm_mean_pooling_by_hand(base, tmp_path, use_lora):
     info = rm.run(cfg)
     ckpt = Path(info["checkpoint"])
     assert json.loads((ckpt / "config.json").read_text())["steprl_rm_pooling"] == "mean"
-    scorer = rm.RewardModelScorer(str(ckpt))
+    scorer = reward_model.RewardModelScorer(str(ckpt))
     model = scorer.model
     torch.manual_seed(0)
     model.score.weight.data.normal_()  # a head that tells tokens apart
     seqs = [[5, 9, 12, 7, 30, 31], [5, 9, 40], [8, 8, 8, 8]]
     masks = [[0, 0, 1, 1, 0, 1], [0, 1, 1], [0, 0, 0, 1]]
     with torch.no_grad():
-        got = rm.scores(model, seqs, scorer.tokenizer.pad_token_id, masks)
+        got = reward_model.scores(model, seqs, scorer.tokenizer.pad_token_id, masks)
         for seq, mask, r in zip(seqs, masks, got):
             hidden = model.model(input_ids=torch.tensor([seq])).last_hidden_state[0]
             per_token = hidden @ model.score.weight[0]
@@ -143,8 +143,8 @@ def test_rm_mean_pooling_by_hand(base, tmp_path, use_lora):
     messages = task.solution_messages(task.problems("test", 1)[0])
     ids, mask = scorer.renderer.conversation_ids(messages)
     with torch.no_grad():
-        want = rm.scores(model, [ids], scorer.tokenizer.pad_token_id, [mask])
-        last = rm.scores(model, [ids], scorer.tokenizer.pad_token_id)
+        want = reward_model.scores(model, [ids], scorer.tokenizer.pad_token_id, [mask])
+        last = reward_model.scores(model, [ids], scorer.tokenizer.pad_token_id)
     assert scorer([messages[:2]], [messages[2:]]) == pytest.approx(want.tolist(), abs=1e-6)
     assert abs(float(want - last)) > 1e-4  # mean pooling is not the last token's score
 
@@ -179,12 +179,12 @@ def test_implicit_scores_by_hand(tiny, use_lora):
     seqs = [[5, 9, 12, 7, 30, 31], [5, 9, 40], [8, 8, 8, 8]]
     masks = [[0, 0, 1, 1, 0, 1], [0, 1, 1], [0, 0, 0, 1]]
     with torch.no_grad():
-        got = rm.implicit_scores(policy, reference, seqs, masks, beta=0.3)
+        got = reward_model.implicit_scores(policy, reference, seqs, masks, beta=0.3)
         for seq, mask, r in zip(seqs, masks, got):
             want = 0.3 * (logprob_sum_by_hand(policy, seq, mask) - logprob_sum_by_hand(base, seq, mask))
             assert abs(float(r) - want) < 1e-5, (float(r), want)
             assert abs(want) > 1e-3  # the policy differs from its reference where it is scored
-    same = rm.implicit_scores(base, copy.deepcopy(base), seqs, masks, beta=0.3)
+    same = reward_model.implicit_scores(base, copy.deepcopy(base), seqs, masks, beta=0.3)
     assert same.abs().max() < 1e-6  # pi = pi_ref: r = 0
 
 
@@ -273,5 +273,5 @@ def test_ppo_two_steps(base, tmp_path, critic, rm_run):
     assert all(torch.isfinite(torch.tensor(r["loss"])) and r["value_loss"] >= 0 for r in rows)
     ckpt = Path(info["checkpoint"])
     assert (ckpt / ("adapter_model.safetensors" if shared else "model.safetensors")).is_file()
-    assert (ckpt / ppo.VALUE_FILE).is_file() and (out / "done.json").is_file()
+    assert (ckpt / VALUE_FILE).is_file() and (out / "done.json").is_file()
     assert read_jsonl(out / "samples.jsonl")

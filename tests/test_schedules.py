@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from steprl.recipes.common import cosine_lr, wsd_lr
+from steprl.training.common import cosine_lr, wsd_lr
 
 
 def test_cosine_lr_by_hand():

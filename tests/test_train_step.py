@@ -9,11 +9,11 @@ import torch
 
 import steprl.recipes.grpo as grpo
 from steprl.config import GRPOConfig, LoraConfig, RunConfig, TaskConfig
-from steprl.monitor.autofix import Knobs
-from steprl.recipes.grpo import (batched_logprobs, by_length, completion_logprobs, minibatch_backward,
-                                 right_aligned)
+from steprl.recipes.grpo import minibatch_backward
 from steprl.rollout.episodes import Trajectory
 from steprl.tasks.base import Problem
+from steprl.training import passes
+from steprl.training.passes import batched_logprobs, by_length, completion_logprobs, right_aligned
 
 PROBLEM = Problem("p", "1 + 1?", "2", {})
 
@@ -45,10 +45,11 @@ def random_trajectories(model, n=7, seed=0):
 
 def gradients(model, trajs, mask, adv, old, ref, g, micro_batch_size):
     model.zero_grad(set_to_none=True)
-    knobs = Knobs(1e-4, 0.04, micro_batch_size, 1, g.max_new_tokens)
+    g = copy.copy(g)
+    g.kl_coef, g.micro_batch_size = 0.04, micro_batch_size
     order = list(range(len(trajs)))
     random.Random(1).shuffle(order)  # a shuffled minibatch, as grpo_step makes it
-    total, stats = minibatch_backward(model, trajs, order, mask, adv, old, ref, g, knobs)
+    total, stats = minibatch_backward(model, trajs, order, mask, adv, old, ref, g)
     return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, len(stats)
 
 
@@ -202,7 +203,11 @@ def test_reference_pass_in_sorted_batches_equals_one_sequence_at_a_time(tiny):
 def test_grpo_step_forward_passes(tiny, monkeypatch, kl_coef):
     """num_iterations 1: the only policy forward passes after the rollout are the training
     micro-batches (old log-probs are the sampling ones); the reference pass only when kl_coef > 0."""
-    from steprl.recipes.evaluate import tool_setup
+    from steprl.rollout import native
+    from steprl.rollout.chat import tool_setup
+    from steprl.runtime import Runtime
+    from steprl.training.policy import Policy
+    from steprl.training.rl import RLState
 
     model, tok, task = copy.deepcopy(tiny[0]), tiny[1], tiny[2]
     cfg = RunConfig(task=TaskConfig(name="calc"))
@@ -210,9 +215,9 @@ def test_grpo_step_forward_passes(tiny, monkeypatch, kl_coef):
     g.prompts_per_step, g.num_generations, g.max_new_tokens, g.max_turns = 2, 2, 4, 1
     g.minibatch_size, g.micro_batch_size, g.num_iterations, g.kl_coef = 4, 2, 1, kl_coef
     g.lora = LoraConfig(enabled=False)
-    g.release_memory = kl_coef > 0  # one case each way
+    release_memory = kl_coef > 0  # one case each way
     calls = {"completion_logprobs": 0, "reference_logprobs": 0, "release_free_memory": 0}
-    monkeypatch.setattr(grpo, "release_free_memory", lambda: calls.update(release_free_memory=1 + calls["release_free_memory"]))
+    monkeypatch.setattr(native, "release_free_memory", lambda: calls.update(release_free_memory=1 + calls["release_free_memory"]))
     real_clp, real_ref = grpo.completion_logprobs, grpo.reference_logprobs
 
     def counted_clp(*a, **kw):
@@ -224,18 +229,20 @@ def test_grpo_step_forward_passes(tiny, monkeypatch, kl_coef):
         return real_ref(*a, **kw)
 
     monkeypatch.setattr(grpo, "completion_logprobs", counted_clp)
+    monkeypatch.setattr(passes, "completion_logprobs", counted_clp)
     monkeypatch.setattr(grpo, "reference_logprobs", counted_ref)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if kl_coef > 0 else None
     tools, renderer, suffix = tool_setup(task, tok)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    knobs = Knobs(1e-4, kl_coef, 2, 2, 4)
-    metrics, trajs = grpo.grpo_step(model, ref_model, tok, optimizer, params, task, tools, renderer, suffix,
-                                    task.problems("train", 10, seed=0), 0, g, knobs, torch.Generator().manual_seed(0),
-                                    random.Random(0))
+    policy = Policy(model, tok, ref_model, "", params, optimizer, None)
+    state = RLState(g, policy, Runtime(torch.device("cpu"), "fp32"), native.NativeEngine(model, tok, release_memory),
+                    task, tools, renderer, suffix, task.problems("train", 10, seed=0),
+                    generator=torch.Generator().manual_seed(0), rng=random.Random(0))
+    metrics, trajs = grpo.grpo_step(state)
     assert len(trajs) == 4 and "loss" in metrics
     assert calls["reference_logprobs"] == (1 if kl_coef > 0 else 0)
-    assert calls["release_free_memory"] == (1 if g.release_memory else 0)  # before the rollout, when asked
+    assert calls["release_free_memory"] == (1 if release_memory else 0)  # before the rollout, when asked
     # 2 training micro-batches (+ the reference: no activations to keep, so its 4 sequences go in one pass)
     assert calls["completion_logprobs"] == 2 + (1 if kl_coef > 0 else 0)
 
@@ -268,7 +275,7 @@ def test_beginning_recomputed_for_its_backward_replays_dropout(tiny):
     """The beginning's graph is built again at `backward()`: with dropout live (LoRA dropout, train
     mode) it must draw the same masks, so the gradient is the one a kept graph would give."""
     from steprl.models.loading import apply_lora
-    from steprl.recipes.grpo import Beginning
+    from steprl.training.passes import Beginning
 
     torch.manual_seed(0)
     model = apply_lora(copy.deepcopy(tiny[0]), LoraConfig(enabled=True, r=4, alpha=8, dropout=0.5,

@@ -17,10 +17,11 @@ task's own max_turns caps the config's, so T = 1 holds in every stage without ex
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from steprl.config import RewardConfig
-from steprl.tasks.base import Problem, Task, extract_answer
+from steprl.tasks.base import Problem, Task
 from steprl.tools import execute_tool_call, parse_tool_calls
 
 
@@ -35,11 +36,11 @@ class StepResult:
 class ToolEnv:
     def __init__(self, task: Task, tools: dict, reward: RewardConfig, max_turns: int,
                  system_suffix: str = ""):
-        cap = getattr(task, "max_turns", None)
-        max_turns = min(max_turns, cap) if cap else max_turns
-        tools = tools if getattr(task, "tool_names", ()) else {}  # a task with no tools gets none
+        max_turns = min(max_turns, task.max_turns) if task.max_turns else max_turns
+        tools = tools if task.tool_names else {}  # a task with no tools gets none
         self.task, self.tools, self.reward_cfg, self.max_turns = task, tools, reward, max_turns
         self.system_suffix = system_suffix  # tool descriptions for models not trained on them
+        self.stop_strings = task.stop_strings  # the texts that end an assistant turn
 
     def reset(self, problem: Problem) -> list[dict]:
         self.problem = problem
@@ -60,7 +61,7 @@ class ToolEnv:
         cfg = self.reward_cfg
         self.turn += 1
         reward = 0.0
-        answer = extract_answer(text)
+        answer = self.task.extract_answer(text)
         calls = parse_tool_calls(text) if answer is None and self.tools else []
         if answer is not None:
             self.answer = answer
@@ -83,3 +84,14 @@ class ToolEnv:
         if self.turn >= self.max_turns:
             return StepResult([], reward + cfg.format_penalty, True, {"answered": False, "out_of_turns": True})
         return StepResult(observation, reward, False, {})
+
+
+def make_envs(task, tools, reward: RewardConfig, max_turns: int, n: int, system_suffix: str = ""):
+    """n environments; warns when max_turns is too few for the task's solved episodes (e.g. the
+    one-call-per-operation calc variant needs ops + 1 turns), which no training can fix."""
+    needed = task.turns_needed
+    cap = task.max_turns or max_turns
+    if min(max_turns, cap) < needed:
+        warnings.warn(f"max_turns={max_turns} but task '{task.name}' needs up to {needed} turns per "
+                      f"solved episode: raise max_turns (grpo/ppo/eval) to {needed}", stacklevel=2)
+    return [ToolEnv(task, tools, reward, max_turns, system_suffix) for _ in range(n)]

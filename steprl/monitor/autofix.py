@@ -1,52 +1,48 @@
 """Opt-in auto-fix (`doctor.auto_fix: true`): act on the doctor's findings while a run is on.
 
 The doctor's findings carry a machine-applicable `fix` ({"learning_rate": 1e-5, "kl_coef": 0.1,
-"rollback": True, ...}). `AutoFixer.apply` changes the run's knobs accordingly, restores the last
+"rollback": True, ...}). `AutoFixer.apply` changes the run's settings accordingly, restores the last
 good weights when asked to roll back, and records every action as a finding that says what
 changed. Between findings, an adaptive KL coefficient (Ziegler et al.) holds KL near the middle of
-the healthy band 0.01-0.1. The RL recipes (grpo, ppo) call `after_step` once per logged step and
+the healthy band 0.01-0.1. It edits the stage's live settings (a copy of its config that every
+consumer reads: one source of truth). The RL loop (training/rl.py) calls `after_step` once per logged step and
 `handle_oom` when a step ran out of memory (each OOM takes one rung down `shrink_for_oom`'s
 ladder, then the step is retried); the same loop therefore serves both.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
 from steprl.algos import AdaptiveKLController
 from steprl.monitor.doctor import Finding
 
-KNOBS = ("learning_rate", "kl_coef", "micro_batch_size", "num_generations", "max_new_tokens",
-         "gradient_checkpointing", "max_grad_norm")
+SETTINGS = ("learning_rate", "kl_coef", "micro_batch_size", "num_generations", "max_new_tokens",
+            "gradient_checkpointing", "max_grad_norm")  # what auto-fix may change in a stage's config
 
 
-@dataclass
-class Knobs:
-    """What auto-fix may change in a running RL stage."""
-    learning_rate: float
-    kl_coef: float
-    micro_batch_size: int
-    num_generations: int
-    max_new_tokens: int
-    max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = False
+def micro_batch(settings) -> int:
+    """Trajectories per forward pass: micro_batch_size, 0 meaning the whole minibatch."""
+    return settings.micro_batch_size or settings.minibatch_size
 
-    def as_context(self) -> dict:
-        """The doctor's view of the current settings, so that its advice starts from the values
-        in force now (after earlier fixes), not from the config's."""
-        return {"learning_rate": self.learning_rate, "kl_coef": self.kl_coef, "num_generations": self.num_generations,
-                "per_device_batch_size": self.micro_batch_size, "max_new_tokens": self.max_new_tokens}
+
+def doctor_context(settings) -> dict:
+    """The doctor's view of the settings in force, so that its advice starts from the values
+    in force now (after earlier fixes), not from the config's."""
+    return {"learning_rate": settings.learning_rate, "kl_coef": settings.kl_coef,
+            "num_generations": settings.num_generations, "per_device_batch_size": micro_batch(settings),
+            "max_new_tokens": settings.max_new_tokens}
 
 
 class AutoFixer:
     """`model`: the module that trains, or a list of them (PPO: the policy and its value model),
-    so that a rollback restores all of them together."""
+    so that a rollback restores all of them together. `settings`: the stage's live config
+    (GRPOConfig, PPOConfig), edited in place."""
 
-    def __init__(self, model, knobs: Knobs, kl_target: float = 0.05, kl_horizon: float = 2000):
+    def __init__(self, model, settings, kl_target: float = 0.05, kl_horizon: float = 2000):
         self.model = torch.nn.ModuleList(model) if isinstance(model, (list, tuple)) else model
-        self.knobs = knobs
-        self.kl = AdaptiveKLController(max(knobs.kl_coef, 1e-3), kl_target, kl_horizon)
+        self.settings = settings
+        self.kl = AdaptiveKLController(max(settings.kl_coef, 1e-3), kl_target, kl_horizon)
         self.good: dict | None = None
         self.good_step = 0
         self.pending: dict | None = None  # see begin_step
@@ -77,7 +73,7 @@ class AutoFixer:
 
     def adapt_kl(self, kl: float, n_samples: int) -> None:
         self.kl.update(kl, n_samples)
-        self.knobs.kl_coef = self.kl.value
+        self.settings.kl_coef = self.kl.value
 
     def apply(self, findings: list[Finding], step: int) -> list[Finding]:
         """Apply each finding's fix; return one 'info' finding per action, saying what changed."""
@@ -87,14 +83,14 @@ class AutoFixer:
             if not f.fix or f.severity == "info" or f.code == "out_of_memory":
                 continue
             changes = []
-            for key in KNOBS:
-                if key in f.fix and f.fix[key] != getattr(self.knobs, key):
-                    old = getattr(self.knobs, key)
-                    setattr(self.knobs, key, type(old)(f.fix[key]))
-                    changes.append(f"{key} {old:g} -> {getattr(self.knobs, key):g}" if not isinstance(old, bool)
+            for key in SETTINGS:
+                if key in f.fix and f.fix[key] != getattr(self.settings, key):
+                    old = getattr(self.settings, key)
+                    setattr(self.settings, key, type(old)(f.fix[key]))
+                    changes.append(f"{key} {old:g} -> {getattr(self.settings, key):g}" if not isinstance(old, bool)
                                    else f"{key} {old} -> {f.fix[key]}")
             if "kl_coef" in f.fix:
-                self.kl.value = self.knobs.kl_coef
+                self.kl.value = self.settings.kl_coef
             if f.fix.get("rollback") and self.rollback():
                 self.rolled_back = True
                 changes.append(f"rolled back to the weights of step {self.good_step}")
@@ -108,9 +104,10 @@ class AutoFixer:
         micro-batch (gradient accumulation keeps the effective batch, so the maths is unchanged)
         down to 1, then halve num_generations (down to 2), then max_new_tokens (down to 16), then
         turn on gradient checkpointing. None when nothing is left to lower."""
-        k = self.knobs
-        if k.micro_batch_size > 1:
-            old, k.micro_batch_size = k.micro_batch_size, k.micro_batch_size // 2
+        k = self.settings
+        if micro_batch(k) > 1:
+            old = micro_batch(k)
+            k.micro_batch_size = old // 2
             change = f"micro_batch_size {old} -> {k.micro_batch_size} (gradient accumulation keeps the effective batch)"
         elif k.num_generations > 2:
             old, k.num_generations = k.num_generations, max(2, k.num_generations // 2)

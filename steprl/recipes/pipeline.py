@@ -11,7 +11,8 @@ import resource
 import time
 
 from steprl.config import RunConfig, save_config
-from steprl.recipes.common import done_info, setup_torch, stage_dir
+from steprl.runtime import setup_runtime
+from steprl.training.common import done_info, stage_dir
 
 
 def stage_runner(stage: str):
@@ -35,16 +36,17 @@ def evaluate_stage(cfg: RunConfig, stage: str) -> dict:
     if stage == "rm":
         return {"accuracy": 0.0, "n": 0}
     model, tokenizer = load_policy(str(out / "checkpoint"))
+    model.to(setup_runtime(cfg).device)
     e = cfg.eval
     metrics, trajs = evaluate(model, tokenizer, get_task(cfg.task.name, **cfg.task.args), e.split, e.limit,
-                              e.batch_size, e.max_new_tokens, e.max_turns)
+                              e.batch_size, e.max_new_tokens, e.max_turns, engine=cfg.rollout.engine)
     cached.write_text(json.dumps(metrics))
     return metrics
 
 
 def run_stage(cfg: RunConfig, stage: str) -> dict:
     """Run (or skip, if done) one stage, evaluate it if asked, and return its summary row."""
-    setup_torch(cfg)
+    setup_runtime(cfg)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, cfg.run_dir / "config.yaml")
     out = stage_dir(cfg, stage)

@@ -26,7 +26,8 @@
               then the KL controller: fixed, or adaptive
                 beta <- beta * (1 + clip(KL / target_kl - 1, -0.2, 0.2) * episodes / kl_horizon).
 
-critic "separate": a copy of the policy's trunk + a linear value head, fully trained;
+The loop around the step (schedule, logging, auto-fix, checkpoints) is training/rl.py's, shared
+with GRPO. critic "separate": a copy of the policy's trunk + a linear value head, fully trained;
 critic "shared": the value head reads the policy's own last hidden state (LoRA or full).
 
 doctor.auto_fix: the same AutoFixer as GRPO acts on the live doctor's findings: the KL coefficient
@@ -42,28 +43,171 @@ import copy
 import random
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from steprl.algos import (AdaptiveKLController, FixedKLController, aggregate_loss, clipped_surrogate,
                           clipped_value_loss, discounted_returns, gae, kl_penalty, logprobs_and_entropy,
                           masked_mean, masked_whiten)
 from steprl.config import RunConfig
-from steprl.memory import keep_freed_memory, release_free_memory
-from steprl.models.loading import save_checkpoint, unwrap_peft
-from steprl.monitor import MetricsLogger
-from steprl.monitor.autofix import AutoFixer, Knobs, handle_oom
-from steprl.recipes.common import (Timer, cosine_lr, mark_done, progress_bar, save_state,
-                                   setup_torch, stage_dir)
-from steprl.recipes.grpo import (accumulation_scale, clipped_tokens, completion_logprobs, episode_metrics,
-                                 log_samples, make_envs, reference_logprobs, right_aligned, run_episodes,
-                                 tool_setup)
-from steprl.recipes.policy import setup_policy
+from steprl.models.loading import unwrap_peft
+from steprl.monitor.autofix import micro_batch
 from steprl.rewards import add_final_rewards, resolve_rewards
-from steprl.rollout.decoder import LlamaDecoder
-from steprl.rollout.sampling import SamplingParams, left_pad
+from steprl.rollout import make_engine
+from steprl.rollout.chat import tool_setup
+from steprl.rollout.episodes import Trajectory
+from steprl.rollout.sampling import left_pad
+from steprl.runtime import setup_runtime
 from steprl.tasks import get_task
+from steprl.training.common import Timer, stage_dir
+from steprl.training.passes import completion_logprobs, reference_logprobs, right_aligned
+from steprl.training.policy import setup_policy
+from steprl.training.rl import (RLState, accumulation_scale, clipped_tokens, episode_metrics, live_settings, rollout,
+                                train_rl)
 
-VALUE_FILE = "value_model.safetensors"  # the critic (or the shared value head), beside the checkpoint
+
+def run(cfg: RunConfig) -> dict:
+    rt = setup_runtime(cfg)
+    p = live_settings(cfg.ppo)
+    ckpt = stage_dir(cfg, "ppo") / "checkpoint"
+    # auto-fix watches KL (an explosion is its main trigger) and may switch the penalty on
+    use_ref = p.kl_coef > 0 or p.adaptive_kl or cfg.doctor.auto_fix
+
+    def make_value_model(model):  # before LoRA goes in: a separate critic copies the plain trunk
+        hidden_size = model.config.get_text_config().hidden_size
+        if p.critic == "separate":
+            return Critic(copy.deepcopy(model.get_decoder()), hidden_size)
+        return ValueHead(hidden_size)
+
+    policy = setup_policy(cfg, "ppo", p.lora, p.learning_rate, use_ref, ckpt, make_value_model,
+                          p.critic_learning_rate, device=rt.device)
+    task = get_task(cfg.task.name, **cfg.task.args)
+    tools, renderer, suffix = tool_setup(task, policy.tokenizer)
+    start = policy.state["step"] if policy.state else 0
+    kl_coef = policy.state["extra"]["settings"]["kl_coef"] if policy.state else p.kl_coef
+    kl_ctl = None
+    if not cfg.doctor.auto_fix:  # auto-fix steers kl_coef itself (adaptive, as GRPO's)
+        kl_ctl = AdaptiveKLController(kl_coef, p.target_kl, p.kl_horizon) if p.adaptive_kl else FixedKLController(kl_coef)
+    state = RLState(
+        settings=p, policy=policy, runtime=rt,
+        engine=make_engine(cfg.rollout.engine, policy.model, policy.tokenizer, rt.device.type, cfg.rollout.release_memory),
+        task=task, tools=tools, renderer=renderer, system_suffix=suffix,
+        problems=task.problems("train", max(p.steps * p.prompts_per_step, 1000), seed=cfg.seed),
+        reward_fns=resolve_rewards(p.reward.functions, run_dir=cfg.run_dir),  # rules and/or a reward model
+        generator=torch.Generator().manual_seed(cfg.seed + start), rng=random.Random(cfg.seed),
+        extra={"use_ref": use_ref, "kl_ctl": kl_ctl})
+    desc = (f"ppo ({'LoRA' if p.lora.enabled else 'full'}, {p.critic} critic, "
+            f"{p.prompts_per_step * p.num_generations} episodes/step)")
+    info = train_rl(cfg, "ppo", state, ppo_step, desc, adapt_kl=p.kl_coef > 0 or p.adaptive_kl)
+    return {**info, "critic": p.critic}
+
+
+def ppo_step(state: RLState) -> tuple[dict, list[Trajectory]]:
+    """One PPO step (steps 1-6 of the module docstring); returns its metrics and trajectories.
+    Minibatches of p.minibatch_size episodes are split into micro-batches (micro_batch_size,
+    lowered by auto-fix on OOM) whose gradients add up to the minibatch's."""
+    p, model, optimizer = state.settings, state.policy.model, state.policy.optimizer
+    value_model, device, autocast = state.policy.value_model, state.runtime.device, state.runtime.autocast
+    micro = micro_batch(p)
+    timer = Timer()
+    critic = value_model if isinstance(value_model, Critic) else None
+    head = value_model if critic is None else None
+    policy_params, value_params = state.policy.params, list(value_model.parameters())
+    # 1. rollout
+    value_model.eval()
+    trajs = rollout(state, state.next_prompts())
+    rollout_seconds = timer.seconds
+
+    # 2. scores: extra rewards, reference log-probs, old values
+    reward_metrics = add_final_rewards(state.reward_fns, trajs)
+    width = max(len(t.ids) for t in trajs)
+    mask = right_aligned([t.mask for t in trajs], width, device=device)
+    old_logp = right_aligned([t.logps for t in trajs], width, device=device)
+    ref_logp = None
+    with autocast():
+        if state.extra["use_ref"]:
+            ref_logp = reference_logprobs(model, state.policy.ref_model, trajs, micro, p.temperature)
+        old_values = batched(critic if critic is not None else (lambda mb: policy_forward(model, mb, head)[2]),
+                             trajs, micro).float()
+
+    # 3-4. token rewards -> GAE -> whitened advantages and value targets
+    k1 = (old_logp - ref_logp) * mask if ref_logp is not None else None
+    advantages, returns = advantages_and_returns(trajs, old_values, p, k1 if p.kl_in_reward else None,
+                                                 p.kl_coef)
+    if p.whiten_advantages:
+        advantages = masked_whiten(advantages, mask) * mask
+
+    # 5-6. clipped policy and value updates, micro-batches accumulated into minibatches
+    model.train()
+    value_model.train()
+    stats = {k: [] for k in ("loss", "policy_loss", "value_loss", "entropy", "clip_ratio", "grad_norm")}
+    skipped = 0
+    for _ in range(p.num_iterations):
+        order = list(range(len(trajs)))
+        state.rng.shuffle(order)
+        for lo in range(0, len(order), p.minibatch_size):
+            mb_idx = order[lo:lo + p.minibatch_size]
+            optimizer.zero_grad(set_to_none=True)
+            totals = {"loss": 0.0, "policy_loss": 0.0, "value_loss": 0.0}
+            for mlo in range(0, len(mb_idx), micro):
+                idx = mb_idx[mlo:mlo + micro]
+                mb = [trajs[i] for i in idx]
+                cols = slice(width - max(len(t.ids) for t in mb), width)
+                with autocast():
+                    logp, entropy, values = policy_forward(model, mb, head, p.temperature)
+                    if critic is not None:
+                        values = critic(mb)
+                values = values.float()
+                m, a, old = mask[idx, cols], advantages[idx, cols], old_logp[idx, cols]
+                per_token = clipped_surrogate(logp, old, a, p.epsilon, clip_eps_high=p.epsilon_high)
+                if ref_logp is not None and not p.kl_in_reward:
+                    per_token = per_token + p.kl_coef * kl_penalty(logp, ref_logp[idx, cols], p.kl_estimator)
+                # each part weighted by its share of the minibatch, so the accumulated gradient is the minibatch's
+                policy_loss = aggregate_loss(per_token, m, p.loss_type, max_len=p.max_new_tokens * p.max_turns)
+                policy_loss = policy_loss * accumulation_scale(p, mask[idx], mask[mb_idx])
+                value_loss = masked_mean(clipped_value_loss(values, old_values[idx, cols], returns[idx, cols],
+                                                            p.value_clip), m)
+                value_loss = value_loss * float(mask[idx].sum() / mask[mb_idx].sum().clamp(min=1))
+                loss = policy_loss + p.vf_coef * value_loss
+                if not torch.isfinite(loss):
+                    break
+                loss.backward()
+                for key, value in (("loss", loss), ("policy_loss", policy_loss), ("value_loss", value_loss)):
+                    totals[key] += float(value.detach())
+                stats["entropy"].append(float(masked_mean(entropy, m)))
+                stats["clip_ratio"].append(float(masked_mean(clipped_tokens(logp, old, a, p).float(), m)))
+            else:  # every micro-batch was finite: clip (policy and critic apart) and apply
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy_params, p.max_grad_norm)
+                value_norm = torch.nn.utils.clip_grad_norm_(value_params, p.max_grad_norm)
+                if torch.isfinite(grad_norm) and torch.isfinite(value_norm):
+                    optimizer.step()
+                    for key, value in totals.items():
+                        stats[key].append(value)
+                    stats["grad_norm"].append(float(grad_norm))
+                    continue
+            skipped += 1  # a NaN loss or gradient: this minibatch is never applied
+            stats["loss"].append(float("nan"))  # logged, so that the doctor (and auto-fix) see it
+            optimizer.zero_grad(set_to_none=True)
+
+    kl = float(masked_mean(kl_penalty(old_logp, ref_logp, p.kl_estimator), mask)) if ref_logp is not None else 0.0
+    metrics = {
+        **episode_metrics(trajs, p.num_generations),
+        "kl": kl,
+        **{k: sum(v) / len(v) for k, v in stats.items() if v},
+        "explained_variance": explained_variance(old_values, returns, mask),
+        "values/mean": float(masked_mean(old_values, mask)),
+        **reward_metrics,
+        "rollout_time": rollout_seconds,
+    }
+    if skipped:
+        metrics.update({"event": "nan_skip", "skipped_minibatches": skipped})
+
+    # 7. the KL controller (auto-fix steers kl_coef itself when it is on)
+    metrics["kl_coef"] = p.kl_coef
+    kl_ctl = state.extra.get("kl_ctl")
+    if kl_ctl is not None:
+        kl_ctl.update(kl, len(trajs))
+        p.kl_coef = kl_ctl.value
+    return metrics, trajs
+
 
 
 # ---------------------------------------------------------------------------- the value model
@@ -84,7 +228,8 @@ class ValueHead(torch.nn.Module):
 def completion_hidden(trunk, trajs) -> torch.Tensor:
     """Last hidden state at the position before each completion token, [B, K, H] right-aligned."""
     width = max(len(t.ids) for t in trajs)
-    ids, attn, pos = left_pad([t.prompt_ids + t.ids for t in trajs], pad_id=0)
+    device = next(trunk.parameters()).device
+    ids, attn, pos = (x.to(device) for x in left_pad([t.prompt_ids + t.ids for t in trajs], pad_id=0))
     hidden = trunk(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
     return hidden[:, -(width + 1):-1]
 
@@ -109,7 +254,7 @@ def policy_forward(model, trajs, head=None, temperature: float = 1.0):
     base = unwrap_peft(model)
     hidden = completion_hidden(base.get_decoder(), trajs)
     logits = base.get_output_embeddings()(hidden).float() / temperature
-    targets = right_aligned([t.ids for t in trajs], hidden.shape[1], dtype=torch.long)
+    targets = right_aligned([t.ids for t in trajs], hidden.shape[1], dtype=torch.long, device=logits.device)
     logp, entropy = logprobs_and_entropy(logits, targets)
     return logp, entropy, head(hidden)
 
@@ -118,9 +263,10 @@ def policy_forward(model, trajs, head=None, temperature: float = 1.0):
 def batched(fn, trajs, batch_size: int) -> torch.Tensor:
     """fn(minibatch) -> [b, k] right-aligned, stitched into [N, K] for the whole batch."""
     width = max(len(t.ids) for t in trajs)
-    out = torch.zeros(len(trajs), width)
+    out = None
     for lo in range(0, len(trajs), batch_size):
         x = fn(trajs[lo:lo + batch_size])
+        out = torch.zeros(len(trajs), width, device=x.device) if out is None else out
         out[lo:lo + x.shape[0], width - x.shape[1]:] = x
     return out
 
@@ -164,7 +310,7 @@ def advantages_and_returns(trajs, values: torch.Tensor, p, kl: torch.Tensor | No
         if kl is not None:
             r = [x - kl_coef * float(kl[i, q]) for x, q in zip(r, pos)]
         a, g = episode_gae(r, values[i, pos].tolist(), turn_of, p.gamma, p.gae_lambda, p.credit)
-        adv[i, pos], ret[i, pos] = torch.tensor(a), torch.tensor(g)
+        adv[i, pos], ret[i, pos] = torch.tensor(a, device=adv.device), torch.tensor(g, device=adv.device)
     return adv, ret
 
 
@@ -174,213 +320,3 @@ def explained_variance(values, returns, mask) -> float:
     err = returns - values
     var_e = masked_mean((err - masked_mean(err, mask)) ** 2, mask)
     return float(1 - var_e / var_r) if var_r > 1e-8 else 0.0
-
-
-# ---------------------------------------------------------------------------- the stage
-
-def run(cfg: RunConfig) -> dict:
-    setup_torch(cfg)
-    keep_freed_memory()  # the passes reuse freed activations instead of page-faulting fresh ones
-    p, out = cfg.ppo, stage_dir(cfg, "ppo")
-    ckpt = out / "checkpoint"
-    # auto-fix watches KL (an explosion is its main trigger) and may switch the penalty on
-    use_ref = p.kl_coef > 0 or p.adaptive_kl or cfg.doctor.auto_fix
-
-    def make_value_model(model):  # before LoRA goes in: a separate critic copies the plain trunk
-        hidden_size = model.config.get_text_config().hidden_size
-        if p.critic == "separate":
-            return Critic(copy.deepcopy(model.get_decoder()), hidden_size)
-        return ValueHead(hidden_size)
-
-    policy = setup_policy(cfg, "ppo", p.lora, p.learning_rate, use_ref, ckpt, make_value_model,
-                          p.critic_learning_rate)
-    model, tokenizer, optimizer, value_model = policy.model, policy.tokenizer, policy.optimizer, policy.value_model
-    knobs = Knobs(p.learning_rate, p.kl_coef, p.minibatch_size, p.num_generations, p.max_new_tokens, p.max_grad_norm)
-    start = 0
-    if policy.state:
-        value_model.load_state_dict(load_file(str(ckpt / VALUE_FILE)))
-        start, extra = policy.state["step"], policy.state["extra"]
-        knobs = Knobs(**extra["knobs"]) if "knobs" in extra else knobs
-        knobs.kl_coef = extra["kl_coef"]
-    kl_ctl = (AdaptiveKLController(knobs.kl_coef, p.target_kl, p.kl_horizon) if p.adaptive_kl
-              else FixedKLController(knobs.kl_coef))
-    fixer = None
-    if cfg.doctor.auto_fix:  # steers kl_coef itself (adaptive, as GRPO's), and rolls back policy and critic
-        fixer = AutoFixer([model, value_model], knobs,
-                          **({"kl_target": p.target_kl, "kl_horizon": p.kl_horizon} if p.adaptive_kl else {}))
-        fixer.snapshot(start)  # the starting weights are the first known-good state to roll back to
-
-    task = get_task(cfg.task.name, **cfg.task.args)
-    tools, renderer, suffix = tool_setup(task, tokenizer)
-    problems = task.problems("train", max(p.steps * p.prompts_per_step, 1000), seed=cfg.seed)
-    reward_fns = resolve_rewards(p.reward.functions, run_dir=cfg.run_dir)  # rules and/or a reward model
-    logger = MetricsLogger(out, "ppo", report_to=cfg.report_to, doctor_context=knobs.as_context(),
-                           live_doctor=cfg.doctor.enabled)
-    if start:
-        logger.truncate_after(start + 1)  # the first step to re-run is logged as start + 1
-    generator = torch.Generator().manual_seed(cfg.seed + start)
-    rng = random.Random(cfg.seed)
-    bar = progress_bar(p.steps, f"ppo ({'LoRA' if p.lora.enabled else 'full'}, {p.critic} critic, "
-                                f"{p.prompts_per_step * p.num_generations} episodes/step)", initial=start)
-    samples_file = open(out / "samples.jsonl", "a")
-    step = start
-    while step < p.steps:
-        timer = Timer()
-        # a fix that lowers the learning rate lowers the critic's too: a NaN can come from either
-        scale = knobs.learning_rate / p.learning_rate if p.learning_rate else 1.0
-        mult = cosine_lr(step, p.steps, p.warmup_steps, min_ratio=1.0)
-        for group, peak in zip(optimizer.param_groups, (p.learning_rate, p.critic_learning_rate or p.learning_rate)):
-            group["lr"] = peak * scale * mult
-        if knobs.gradient_checkpointing and not model.is_gradient_checkpointing:
-            model.gradient_checkpointing_enable()
-            if isinstance(value_model, Critic):
-                value_model.trunk.gradient_checkpointing_enable()
-        if fixer is not None:
-            fixer.begin_step(step)  # the weights this step's metrics will judge
-        try:
-            metrics, trajs = ppo_step(model, value_model, policy.ref_model, use_ref, tokenizer,
-                                      optimizer, policy.params, task, tools, renderer, suffix, problems, step, p,
-                                      knobs, generator, rng, reward_fns)
-        except (torch.OutOfMemoryError, MemoryError) as err:
-            handle_oom(fixer, logger, optimizer, step + 1, err, "lower ppo.minibatch_size")
-            continue  # nothing was applied: retry the step with the smaller settings
-        metrics.update({"learning_rate": optimizer.param_groups[0]["lr"], "kl_coef": knobs.kl_coef,
-                        "step_time": timer.seconds})
-        logger.context.update(knobs.as_context())  # advice starts from the settings in force now
-        findings = logger.log(metrics, step + 1)
-        if fixer is not None:
-            for action in fixer.after_step(findings, metrics, step + 1, optimizer, len(trajs),
-                                           p.kl_coef > 0 or p.adaptive_kl):
-                logger.record(action)
-        else:
-            kl_ctl.update(metrics["kl"], len(trajs))
-            knobs.kl_coef = kl_ctl.value
-        log_samples(samples_file, tokenizer, trajs, rng, p.n_samples_logged, step + 1)
-        bar.update(1)
-        bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}",
-                        kl=f"{metrics['kl']:.3f}", ev=f"{metrics['explained_variance']:.2f}")
-        step += 1
-        if p.save_every and step % p.save_every == 0 and step < p.steps:
-            save_all(model, tokenizer, value_model, ckpt, policy.base)
-            save_state(ckpt, step, optimizer, {"kl_coef": knobs.kl_coef, "knobs": knobs.__dict__})
-    bar.close()
-    samples_file.close()
-    logger.close()
-    save_all(model, tokenizer, value_model, ckpt, policy.base)
-    (ckpt / "trainer_state.pt").unlink(missing_ok=True)
-    info = {"checkpoint": str(ckpt), "base": policy.base, "steps": p.steps, "critic": p.critic}
-    mark_done(out, info)
-    return info
-
-
-def ppo_step(model, value_model, ref_model, use_ref: bool, tokenizer, optimizer, policy_params, task, tools,
-             renderer, suffix, problems, step, p, knobs, generator, rng, reward_fns=()) -> tuple[dict, list]:
-    """One PPO step (steps 1-6 of the module docstring); returns its metrics and trajectories.
-    Minibatches of p.minibatch_size episodes are split into micro-batches of
-    knobs.micro_batch_size (lowered by auto-fix on OOM) whose gradients add up to the minibatch's."""
-    timer = Timer()
-    critic = value_model if isinstance(value_model, Critic) else None
-    head = value_model if critic is None else None
-    value_params = list(value_model.parameters())
-    # 1. rollout
-    first = (step * p.prompts_per_step) % len(problems)
-    batch = [problems[(first + i) % len(problems)] for i in range(p.prompts_per_step)]
-    episodes = [q for q in batch for _ in range(knobs.num_generations)]
-    envs = make_envs(task, tools, p.reward, p.max_turns, len(episodes), suffix)
-    sampling = SamplingParams(max_new_tokens=knobs.max_new_tokens, temperature=p.temperature,
-                              top_p=p.top_p, top_k=p.top_k)
-    model.eval()
-    value_model.eval()
-    if p.release_memory:  # the last passes' freed activations: not resident under the rollout's
-        release_free_memory()
-    trajs = run_episodes(model, tokenizer, envs, episodes, sampling, renderer, generator)
-    LlamaDecoder.forget(model)  # its weight copies go stale at the next update: free them for the passes
-    rollout_seconds = timer.seconds
-
-    # 2. scores: extra rewards, reference log-probs, old values
-    reward_metrics = add_final_rewards(reward_fns, trajs)
-    width = max(len(t.ids) for t in trajs)
-    mask = right_aligned([t.mask for t in trajs], width)
-    old_logp = right_aligned([t.logps for t in trajs], width)
-    ref_logp = None
-    if use_ref:
-        ref_logp = reference_logprobs(model, ref_model, trajs, knobs.micro_batch_size, p.temperature)
-    old_values = batched(critic if critic is not None else (lambda mb: policy_forward(model, mb, head)[2]),
-                         trajs, knobs.micro_batch_size)
-
-    # 3-4. token rewards -> GAE -> whitened advantages and value targets
-    k1 = (old_logp - ref_logp) * mask if ref_logp is not None else None
-    advantages, returns = advantages_and_returns(trajs, old_values, p, k1 if p.kl_in_reward else None,
-                                                 knobs.kl_coef)
-    if p.whiten_advantages:
-        advantages = masked_whiten(advantages, mask) * mask
-
-    # 5-6. clipped policy and value updates, micro-batches accumulated into minibatches
-    model.train()
-    value_model.train()
-    stats = {k: [] for k in ("loss", "policy_loss", "value_loss", "entropy", "clip_ratio", "grad_norm")}
-    skipped = 0
-    for _ in range(p.num_iterations):
-        order = list(range(len(trajs)))
-        rng.shuffle(order)
-        for lo in range(0, len(order), p.minibatch_size):
-            mb_idx = order[lo:lo + p.minibatch_size]
-            optimizer.zero_grad(set_to_none=True)
-            totals = {"loss": 0.0, "policy_loss": 0.0, "value_loss": 0.0}
-            for mlo in range(0, len(mb_idx), knobs.micro_batch_size):
-                idx = mb_idx[mlo:mlo + knobs.micro_batch_size]
-                mb = [trajs[i] for i in idx]
-                cols = slice(width - max(len(t.ids) for t in mb), width)
-                logp, entropy, values = policy_forward(model, mb, head, p.temperature)
-                if critic is not None:
-                    values = critic(mb)
-                m, a, old = mask[idx, cols], advantages[idx, cols], old_logp[idx, cols]
-                per_token = clipped_surrogate(logp, old, a, p.epsilon, clip_eps_high=p.epsilon_high)
-                if ref_logp is not None and not p.kl_in_reward:
-                    per_token = per_token + knobs.kl_coef * kl_penalty(logp, ref_logp[idx, cols], p.kl_estimator)
-                # each part weighted by its share of the minibatch, so the accumulated gradient is the minibatch's
-                policy_loss = aggregate_loss(per_token, m, p.loss_type, max_len=p.max_new_tokens * p.max_turns)
-                policy_loss = policy_loss * accumulation_scale(p, mask[idx], mask[mb_idx])
-                value_loss = masked_mean(clipped_value_loss(values, old_values[idx, cols], returns[idx, cols],
-                                                            p.value_clip), m)
-                value_loss = value_loss * float(mask[idx].sum() / mask[mb_idx].sum().clamp(min=1))
-                loss = policy_loss + p.vf_coef * value_loss
-                if not torch.isfinite(loss):
-                    break
-                loss.backward()
-                for key, value in (("loss", loss), ("policy_loss", policy_loss), ("value_loss", value_loss)):
-                    totals[key] += float(value.detach())
-                stats["entropy"].append(float(masked_mean(entropy, m)))
-                stats["clip_ratio"].append(float(masked_mean(clipped_tokens(logp, old, a, p).float(), m)))
-            else:  # every micro-batch was finite: clip (policy and critic apart) and apply
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy_params, knobs.max_grad_norm)
-                value_norm = torch.nn.utils.clip_grad_norm_(value_params, knobs.max_grad_norm)
-                if torch.isfinite(grad_norm) and torch.isfinite(value_norm):
-                    optimizer.step()
-                    for key, value in totals.items():
-                        stats[key].append(value)
-                    stats["grad_norm"].append(float(grad_norm))
-                    continue
-            skipped += 1  # a NaN loss or gradient: this minibatch is never applied
-            stats["loss"].append(float("nan"))  # logged, so that the doctor (and auto-fix) see it
-            optimizer.zero_grad(set_to_none=True)
-
-    kl = float(masked_mean(kl_penalty(old_logp, ref_logp, p.kl_estimator), mask)) if ref_logp is not None else 0.0
-    metrics = {
-        **episode_metrics(trajs, knobs.num_generations),
-        "kl": kl,
-        **{k: sum(v) / len(v) for k, v in stats.items() if v},
-        "explained_variance": explained_variance(old_values, returns, mask),
-        "values/mean": float(masked_mean(old_values, mask)),
-        **reward_metrics,
-        "rollout_time": rollout_seconds,
-    }
-    if skipped:
-        metrics.update({"event": "nan_skip", "skipped_minibatches": skipped})
-    return metrics, trajs
-
-
-def save_all(model, tokenizer, value_model, ckpt, base: str) -> None:
-    """The policy in Hugging Face format (adapter or full) and the value model beside it."""
-    save_checkpoint(model, tokenizer, ckpt, base_path=base)
-    save_file({k: v.detach().contiguous() for k, v in value_model.state_dict().items()}, str(ckpt / VALUE_FILE))

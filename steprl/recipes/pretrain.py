@@ -16,8 +16,9 @@ from steprl.config import RunConfig
 from steprl.models.loading import load_policy, save_checkpoint
 from steprl.models.tiny import render_chatml, tiny_llama, train_tokenizer
 from steprl.monitor import MetricsLogger
-from steprl.recipes.common import (Timer, cosine_lr, wsd_lr, load_state, mark_done, progress_bar, save_state,
-                                   set_lr, setup_torch, stage_dir)
+from steprl.training.common import (Timer, cosine_lr, wsd_lr, load_state, mark_done, progress_bar, save_state,
+                                   set_lr, stage_dir)
+from steprl.runtime import setup_runtime
 from steprl.tasks import get_task
 
 
@@ -59,7 +60,7 @@ def eval_loss(model, blocks: torch.Tensor, batch_size: int) -> float:
 
 
 def run(cfg: RunConfig) -> dict:
-    setup_torch(cfg)
+    rt = setup_runtime(cfg)
     p, out = cfg.pretrain, stage_dir(cfg, "pretrain")
     ckpt = out / "checkpoint"
     task = get_task(cfg.task.name, **cfg.task.args)
@@ -73,8 +74,9 @@ def run(cfg: RunConfig) -> dict:
     n_eval = max(1, len(docs) // 50)
     ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
     train_blocks, eval_blocks = pack(ids[n_eval:], sep, p.seq_len), pack(ids[:n_eval], sep, p.seq_len)[:64]
+    train_blocks, eval_blocks = train_blocks.to(rt.device), eval_blocks.to(rt.device)
 
-    model.train()
+    model.to(rt.device).train()
     decay = [q for n, q in model.named_parameters() if q.dim() >= 2]
     no_decay = [q for n, q in model.named_parameters() if q.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": p.weight_decay},
@@ -99,7 +101,8 @@ def run(cfg: RunConfig) -> dict:
             lr = p.learning_rate * cosine_lr(step, p.steps, p.warmup_steps, p.min_lr_ratio)
         set_lr(optimizer, lr)
         batch = train_blocks[torch.randint(0, len(train_blocks), (p.batch_size,), generator=gen)]
-        loss = forward(input_ids=batch, labels=batch).loss
+        with rt.autocast():  # HF's loss upcasts the logits to fp32
+            loss = forward(input_ids=batch, labels=batch).loss
         if not torch.isfinite(loss):
             logger.log({"loss": float("nan"), "event": "nan_skip"}, step + 1)
             optimizer.zero_grad(set_to_none=True)

@@ -21,7 +21,7 @@ with `solution_messages`, are generated: chosen = a correct tool-use solution, r
 episode corrupted (a wrong number copied into the call, a wrong final answer, no <answer> tag,
 or a malformed call) and replayed through the environment so its rule reward is lower.
 The checkpoint is always a full model in Hugging Face format (LoRA is merged before saving), so
-`RewardModelScorer(path)` loads it with one `from_pretrained` (an implicit RM keeps its reference
+`rewards.RewardModelScorer(path)` loads it with one `from_pretrained` (an implicit RM keeps its reference
 beside it, in `checkpoint/reference`).
 """
 from __future__ import annotations
@@ -29,39 +29,25 @@ from __future__ import annotations
 import copy
 import json
 import random
-import re
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification
 
 from steprl.algos import bradley_terry_loss
-from steprl.config import RewardConfig, RunConfig
+from steprl.config import ConfigError, RewardConfig, RunConfig
 from steprl.envs.tool_env import ToolEnv
-from steprl.models.loading import apply_lora, load_policy, load_tokenizer, resolve, unwrap_peft
+from steprl.models.loading import apply_lora, load_policy, resolve
 from steprl.monitor import MetricsLogger
-from steprl.recipes.common import Timer, cosine_lr, mark_done, progress_bar, set_lr, setup_torch, stage_dir
-from steprl.recipes.evaluate import tool_setup
-from steprl.recipes.grpo import completion_logprobs, right_aligned
-from steprl.recipes.rm_config import CORRUPTIONS
-from steprl.recipes.sft import previous_checkpoint
+from steprl.rewards.reward_model import INFO_FILE, as_messages, score_fn
+from steprl.rollout.chat import tool_setup
+from steprl.runtime import setup_runtime
 from steprl.tasks import get_task
-from steprl.rollout.episodes import Trajectory
-from steprl.tools import execute_tool_call, parse_tool_calls
-
-INFO_FILE = "steprl_rm.json"  # beside the checkpoint: which task's chat rendering to score with
+from steprl.training.common import (Timer, cosine_lr, mark_done, previous_checkpoint, progress_bar, set_lr,
+                                    stage_dir)
 
 
 # ----------------------------------------------------------------------------- preference data
-
-def as_messages(prompt, completion) -> list[dict]:
-    """A conversation from a prompt and a completion, each text or messages (TRL's formats)."""
-    if completion is None:
-        raise ValueError("missing completion")
-    head = [] if prompt is None else [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    tail = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
-    return head + tail
-
 
 def load_pairs(path: str) -> list[dict]:
     """JSONL rows {"prompt"?, "chosen", "rejected", "margin"?} -> {"chosen", "rejected", "margin", "kind"}."""
@@ -76,49 +62,6 @@ def load_pairs(path: str) -> list[dict]:
                       "rejected": as_messages(row.get("prompt"), row["rejected"]),
                       "margin": float(row.get("margin", 0.0)), "kind": "data"})
     return pairs
-
-
-def _change_digit(text: str, rng: random.Random) -> str:
-    """One digit of one number in `text` replaced by another (no new leading zero)."""
-    spans = [m.span() for m in re.finditer(r"\d+", text)]
-    lo, hi = rng.choice(spans)
-    i = rng.randrange(lo, hi)
-    choices = [d for d in "0123456789" if d != text[i] and not (d == "0" and i == lo and hi - lo > 1)]
-    return text[:i] + rng.choice(choices) + text[i + 1:]
-
-
-def corrupt(solution: list[dict], kind: str, tools: dict, rng: random.Random) -> list[dict]:
-    """A worse version of a solved episode [..prompt, call, tool result, answer], or of a
-    single-turn one [..prompt, answer] (PBRFT: no call to corrupt, so the answer is)."""
-    if kind not in CORRUPTIONS:
-        raise ValueError(f"rm: unknown corruption '{kind}'")
-    answer = re.search(r"<answer>(.*?)</answer>", solution[-1]["content"]).group(1)
-    wrong = _change_digit(answer, rng)
-    if kind == "missing_answer":  # right number, no <answer> tag
-        return solution[:-1] + [{"role": "assistant", "content": f"The answer is {answer}."}]
-    if not any(m["role"] == "tool" for m in solution):  # single turn: a wrong worked answer
-        text = solution[-1]["content"].replace(f"<answer>{answer}</answer>", f"<answer>{wrong}</answer>")
-        if kind == "wrong_number":  # the worked result is wrong too, not only the copy of it
-            text = text.replace(f"= {answer}", f"= {wrong}")
-        return solution[:-1] + [{"role": "assistant", "content": text}]
-    *prompt, call, _, final = solution
-    if kind == "wrong_number":  # a number copied wrongly into the call: the tool computes garbage
-        bad = call["content"]
-        for _ in range(20):
-            bad = _change_digit(call["content"], rng)
-            result, ok = execute_tool_call(parse_tool_calls(bad)[0], tools)
-            if ok and result != answer:
-                return prompt + [{"role": "assistant", "content": bad}, {"role": "tool", "content": result},
-                                 {"role": "assistant", "content": f"<answer>{result}</answer>"}]
-        kind = "wrong_answer"
-    if kind == "wrong_answer":  # right call, wrong number in the answer
-        return solution[:-1] + [{"role": "assistant", "content": f"<answer>{wrong}</answer>"}]
-    # malformed_call: broken JSON or no closing tag, then a guess
-    text = call["content"]
-    bad = rng.choice([text.replace("}}", "}", 1), text.replace("</tool_call>", ""), text.replace('"', "'")])
-    error, _ = execute_tool_call(parse_tool_calls(bad)[0], tools) if parse_tool_calls(bad) else ("Error: no call", False)
-    return prompt + [{"role": "assistant", "content": bad}, {"role": "tool", "content": error},
-                     {"role": "assistant", "content": f"<answer>{wrong}</answer>"}]
 
 
 def rule_reward(task, tools, problem, messages: list[dict]) -> float:
@@ -137,15 +80,13 @@ def rule_reward(task, tools, problem, messages: list[dict]) -> float:
 
 def generated_pairs(task, tools, suffix: str, problems, kinds: list[str], seed: int) -> list[dict]:
     """One pair per problem, corruption kinds in turn; deterministic given `seed`."""
-    if not hasattr(task, "solution_messages"):
-        raise ValueError(f"rm: task '{task.name}' cannot generate pairs (no solution_messages); set rm.data")
     rng, pairs = random.Random(f"rm/{seed}"), []
     for i, p in enumerate(problems):
         env = ToolEnv(task, tools, RewardConfig(), 1, suffix)
         prompt = env.reset(p)  # the same (system-suffixed) prompt rollouts see
         chosen = prompt + task.solution_messages(p)[len(task.prompt_messages(p)):]
         kind = kinds[i % len(kinds)]
-        rejected = corrupt(chosen, kind, tools, rng)
+        rejected = task.corrupt(chosen, kind, tools, rng)
         gap = rule_reward(task, tools, p, chosen) - rule_reward(task, tools, p, rejected)
         if gap > 0:
             pairs.append({"chosen": chosen, "rejected": rejected, "margin": gap, "kind": kind})
@@ -168,66 +109,6 @@ def reward_model_from(base: str):
     return model.float(), tokenizer
 
 
-def padded(seqs: list[list[int]], pad_id: int, masks: list[list[int]] | None = None):
-    """Right-padded (ids, attention mask[, loss mask]) tensors, [N, T]."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)], attn[i, : len(s)] = torch.tensor(s), 1
-    if masks is None:
-        return ids, attn
-    m = torch.zeros((len(seqs), width))
-    for i, mask in enumerate(masks):
-        m[i, : len(mask)] = torch.tensor(mask[: width], dtype=m.dtype)
-    return ids, attn, m
-
-
-def scores(model, seqs: list[list[int]], pad_id: int, masks: list[list[int]] | None = None) -> torch.Tensor:
-    """r for each token sequence, [N], right-padded batch. Without `masks` the head reads the last
-    real token; with them, r is the mean of the head's per-token scores where the mask is 1."""
-    if masks is None:
-        ids, attn = padded(seqs, pad_id)
-        return model(input_ids=ids, attention_mask=attn).logits[:, 0].float()
-    ids, attn, m = padded(seqs, pad_id, masks)
-    inner = unwrap_peft(model)
-    hidden = getattr(inner, inner.base_model_prefix)(input_ids=ids, attention_mask=attn).last_hidden_state
-    per_token = inner.score(hidden)[..., 0].float()  # [N, T]
-    return (per_token * m).sum(-1) / m.sum(-1).clamp(min=1)
-
-
-def as_trajectories(seqs: list[list[int]], masks: list[list[int]]) -> list[Trajectory]:
-    """Each conversation cut where the assistant first writes: the prompt before, the rest after,
-    which is the form `grpo.completion_logprobs` takes (it computes a prompt shared by several
-    conversations once, and the beginning common to all, such as the system prompt, once)."""
-    out = []
-    for ids, mask in zip(seqs, masks):
-        k = next((i for i, m in enumerate(mask) if m), len(ids) - 1)
-        k = min(max(k, 1), len(ids) - 1)  # the first token has nothing to be predicted from
-        out.append(Trajectory(problem=None, prompt_ids=ids[:k], ids=ids[k:], mask=list(mask[k:len(ids)])))
-    return out
-
-
-def masked_logprob_sums(model, seqs: list[list[int]], masks: list[list[int]]) -> torch.Tensor:
-    """sum_t m_t log p(y_t | y_<t) per sequence, [N]."""
-    trajs = as_trajectories(seqs, masks)
-    logp, _ = completion_logprobs(model, trajs)
-    return (logp * right_aligned([t.mask for t in trajs], logp.shape[1])).sum(-1)
-
-
-def implicit_scores(model, reference, seqs: list[list[int]], masks: list[list[int]], beta: float) -> torch.Tensor:
-    """r = beta * sum_t m_t [log pi_theta(y_t | .) - log pi_ref(y_t | .)], [N]. `reference` None
-    means `model` is a PEFT model whose base (adapters disabled) is the reference."""
-    policy = masked_logprob_sums(model, seqs, masks)
-    with torch.no_grad():
-        if reference is None:
-            with model.disable_adapter():
-                ref = masked_logprob_sums(model, seqs, masks)
-        else:
-            ref = masked_logprob_sums(reference, seqs, masks)
-    return beta * (policy - ref)
-
-
 def encode_pair(renderer, pair: dict, max_length: int) -> None:
     """Token ids and assistant masks of both sides, cut at max_length."""
     for side in ("chosen", "rejected"):
@@ -241,13 +122,6 @@ def pair_scores(score, batch: list[dict]) -> torch.Tensor:
     seqs = [p["chosen_ids"] for p in batch] + [p["rejected_ids"] for p in batch]
     masks = [p["chosen_mask"] for p in batch] + [p["rejected_mask"] for p in batch]
     return score(seqs, masks)
-
-
-def score_fn(model, pad_id: int, type: str = "classifier", pooling: str = "last", reference=None, beta: float = 1.0):
-    """The reward model as `f(seqs, masks) -> r [N]`, whichever its type."""
-    if type == "implicit":
-        return lambda seqs, masks: implicit_scores(model, reference, seqs, masks, beta)
-    return lambda seqs, masks: scores(model, seqs, pad_id, masks if pooling == "mean" else None)
 
 
 @torch.no_grad()
@@ -285,12 +159,15 @@ def rm_base(cfg: RunConfig) -> str:
 
 
 def run(cfg: RunConfig) -> dict:
-    setup_torch(cfg)
+    setup_runtime(cfg)
     c, out = cfg.rm, stage_dir(cfg, "rm")
     base = resolve(rm_base(cfg))
     implicit = c.type == "implicit"
     model, tokenizer = load_policy(base) if implicit else reward_model_from(base)
     task = get_task(cfg.task.name, **cfg.task.args)
+    bad = [k for k in c.corruptions if k not in task.corruptions]
+    if bad:
+        raise ConfigError(f"rm.corruptions: unknown '{bad[0]}' for task '{task.name}' (allowed: {', '.join(task.corruptions)})")
     tools, renderer, suffix = tool_setup(task, tokenizer)
     if c.data:
         train = load_pairs(c.data)
@@ -381,49 +258,3 @@ def run(cfg: RunConfig) -> dict:
     info = {"checkpoint": str(ckpt), "base": base, "pairs": len(train), "steps": total, "eval": ev}
     mark_done(out, info)
     return info
-
-
-class RewardModelScorer:
-    """A trained RM as a reward function with TRL's signature: f(prompts, completions, **kw) -> list[float].
-
-    Scores whole conversations: each trajectory's messages when `trajectories` is passed (tool
-    calls and results included), else prompt + completion (text or messages). Conversations are
-    rendered with the chat template (and tool schemas) of the task the RM was trained on. Either
-    type: a classifier head, or an implicit RM (the LM against `checkpoint/reference`).
-    """
-
-    def __init__(self, path: str, batch_size: int = 32, max_length: int = 1024):
-        path = resolve(path)
-        info = Path(path) / INFO_FILE
-        meta = json.loads(info.read_text()) if info.is_file() else {}
-        self.tokenizer = load_tokenizer(path)
-        if meta.get("type") == "implicit":
-            load = lambda p: AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval()  # noqa: E731
-            self.model, reference = load(path), load(Path(path) / "reference")
-        else:
-            self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
-            reference = None
-        if meta:
-            _, self.renderer, _ = tool_setup(get_task(meta["task"], **meta["task_args"]), self.tokenizer)
-        else:
-            from steprl.rollout.episodes import ChatRenderer
-
-            self.renderer = ChatRenderer(self.tokenizer)
-        self.batch_size, self.max_length = batch_size, max_length
-        self.score = score_fn(self.model, self.tokenizer.pad_token_id, meta.get("type", "classifier"),
-                              getattr(self.model.config, "steprl_rm_pooling", "last"), reference, meta.get("beta", 1.0))
-        self.__name__ = "reward_model"
-
-    @torch.no_grad()
-    def __call__(self, prompts, completions, trajectories=None, **kwargs) -> list[float]:
-        if trajectories is not None:
-            conversations = [t.messages for t in trajectories]
-        else:
-            conversations = [as_messages(p, c) for p, c in zip(prompts, completions)]
-        encoded = [self.renderer.conversation_ids(m) for m in conversations]
-        seqs = [ids[: self.max_length] for ids, _ in encoded]
-        masks = [mask[: self.max_length] for _, mask in encoded]
-        out = []
-        for lo in range(0, len(seqs), self.batch_size):
-            out += self.score(seqs[lo:lo + self.batch_size], masks[lo:lo + self.batch_size]).tolist()
-        return out

@@ -21,9 +21,10 @@ import torch
 from steprl.config import RunConfig
 from steprl.models.loading import apply_lora, load_policy, resolve, save_checkpoint
 from steprl.monitor import MetricsLogger
-from steprl.recipes.common import (Timer, cosine_lr, mark_done, progress_bar, set_lr, setup_torch,
+from steprl.training.common import (Timer, cosine_lr, mark_done, previous_checkpoint, progress_bar, set_lr,
                                    stage_dir)
-from steprl.rollout.episodes import ChatRenderer
+from steprl.rollout.chat import ChatRenderer
+from steprl.runtime import setup_runtime
 from steprl.tasks import get_task
 
 
@@ -74,15 +75,8 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
     return ids, attn, labels
 
 
-def previous_checkpoint(cfg: RunConfig, stage: str) -> str:
-    """What a stage starts from: the last earlier stage of this run that trains a policy."""
-    order = [s for s in cfg.stages if s != "rm"]
-    before = order[: order.index(stage)] if stage in order else []
-    return str(cfg.run_dir / before[-1] / "checkpoint") if before else cfg.model.name_or_path
-
-
 def run(cfg: RunConfig) -> dict:
-    setup_torch(cfg)
+    rt = setup_runtime(cfg)
     s, out = cfg.sft, stage_dir(cfg, "sft")
     base = resolve(previous_checkpoint(cfg, "sft"))
     model, tokenizer = load_policy(base)
@@ -98,7 +92,7 @@ def run(cfg: RunConfig) -> dict:
 
     if s.lora.enabled:
         model = apply_lora(model, s.lora)
-    model.train()
+    model.to(rt.device).train()
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=s.weight_decay)
     steps_per_epoch = (len(train_set) + s.batch_size - 1) // s.batch_size
@@ -115,8 +109,9 @@ def run(cfg: RunConfig) -> dict:
             lr = s.learning_rate * cosine_lr(step, total, s.warmup_steps)
             set_lr(optimizer, lr)
             batch = [train_set[i] for i in order[b * s.batch_size:(b + 1) * s.batch_size]]
-            ids, attn, labels = collate(batch, tokenizer.pad_token_id)
-            loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+            ids, attn, labels = (x.to(rt.device) for x in collate(batch, tokenizer.pad_token_id))
+            with rt.autocast():  # HF's loss upcasts the logits to fp32
+                loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
             optimizer.zero_grad(set_to_none=True)
             if not torch.isfinite(loss):
                 logger.log({"loss": float("nan"), "event": "nan_skip"}, step + 1)
@@ -149,7 +144,8 @@ def eval_loss(model, examples, pad_id: int, batch_size: int) -> float:
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        ids, attn, labels = collate(examples[i:i + batch_size], pad_id)
+        device = next(model.parameters()).device
+        ids, attn, labels = (x.to(device) for x in collate(examples[i:i + batch_size], pad_id))
         n = int((labels[:, 1:] != -100).sum())
         total += model(input_ids=ids, attention_mask=attn, labels=labels).loss.item() * n
         count += n

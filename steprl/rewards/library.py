@@ -9,7 +9,7 @@ Trajectory objects: per-turn rewards, tool-call counts, token masks). A TRL rewa
 works here unchanged; these work in TRL unchanged (they ignore kwargs they do not know).
 
 Config entries name functions: {"name": "accuracy" | "module:function", "weight": 1.0,
-"args": {...}} or {"model": PATH, "weight": 0.5} for a trained reward model (recipes/rm.py).
+"args": {...}} or {"model": PATH, "weight": 0.5} for a trained reward model (rewards/reward_model.py).
 """
 from __future__ import annotations
 
@@ -222,7 +222,7 @@ def resolve_reward(spec: dict, run_dir=None) -> tuple[str, RewardFn, float]:
         raise ValueError(f"reward function entry: unknown key(s) {sorted(unknown)} (allowed: name, model, weight, args)")
     weight, args = float(spec.get("weight", 1.0)), dict(spec.get("args") or {})
     if spec.get("model"):
-        from steprl.recipes.rm import RewardModelScorer
+        from steprl.rewards.reward_model import RewardModelScorer  # loads transformers' classes: only when used
 
         path = str(spec["model"])
         if path == "rm":

@@ -1,4 +1,4 @@
-"""Multi-turn rollouts: many episodes advance together in one batched `generate`, each at its own turn.
+"""Multi-turn rollouts: the agent loop (`run_episodes`), over any rollout engine, many episodes at once.
 
 Each trajectory is one flat token sequence after the prompt. Tokens the model sampled are kept
 exactly as sampled (trained, mask 1, with their log-probs); the turn's closing tokens, the tool
@@ -7,14 +7,13 @@ context (mask 0): observation tokens are never trained on.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 
 from steprl.envs.tool_env import ToolEnv
-from steprl.rollout.sampling import SamplingParams, StopChecker, generate
+from steprl.rollout.chat import ChatRenderer
+from steprl.rollout.sampling import SamplingParams
 from steprl.tasks.base import Problem
-
-STOP_STRINGS = ("</tool_call>", "</answer>")
-
 
 @dataclass
 class Trajectory:
@@ -42,6 +41,19 @@ class Trajectory:
     def n_turns(self) -> int:
         return len(self.turn_rewards)
 
+    def add_turn(self, turn, text: str, reward: float) -> None:
+        """An assistant turn the policy sampled (an engine's Turn), decoded, and its reward."""
+        self.extend(turn.ids, 1, turn.logps, self.n_turns)
+        self.turn_texts.append(text)
+        self.messages.append({"role": "assistant", "content": text})
+        self.truncated |= turn.finish == "length"
+        self.turn_rewards.append(reward)
+
+    def end(self, env: ToolEnv) -> None:
+        self.done = True
+        self.correct, self.answered = env.correct, env.answer is not None
+        self.n_tool_calls, self.n_tool_failures = env.n_calls, env.n_failures
+
     def extend(self, ids, mask, logps, turn):
         self.ids += ids
         self.mask += [mask] * len(ids)
@@ -49,92 +61,46 @@ class Trajectory:
         self.turn_index += [turn if mask else -1] * len(ids)
 
 
-class ChatRenderer:
-    """Token ids for prompts and for what follows an assistant turn, from the model's own template."""
+def run_episodes(engine, tokenizer, envs: list[ToolEnv], problems: list[Problem], params: SamplingParams,
+                 renderer: ChatRenderer | None = None, generator=None, max_context: int | None = None,
+                 tool_workers: int = 8) -> list[Trajectory]:
+    """The agent loop: one episode per (env, problem), all advancing together.
 
-    def __init__(self, tokenizer, tools_schema: list[dict] | None = None):
-        self.tok = tokenizer
-        self.tools_schema = tools_schema
-        probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "@@END@@"}]
-        rendered = self._render(probe, add_generation_prompt=False)
-        self.turn_end = rendered.split("@@END@@", 1)[1]  # e.g. "<|im_end|>\n"
-        self._probe = probe
-        self._probe_text = rendered
+        s_0 = env.reset(problem)                           every episode's prompt
+        loop: the engine samples until some turns end     a_t, with its log-probs
+              env.step(a_t) for each ended turn            tools run, reward r_t, o_{t+1}
+              o_{t+1}'s tokens appended with mask 0        never trained on
+              the episode goes on with them, or ends       answer, no call, max_turns, max_context
 
-    def _render(self, messages, add_generation_prompt):
-        kwargs = {"tools": self.tools_schema} if self.tools_schema else {}
-        return self.tok.apply_chat_template(messages, tokenize=False,
-                                            add_generation_prompt=add_generation_prompt, **kwargs)
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"]
-
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        return self.encode(self._render(messages, add_generation_prompt=True))
-
-    def observation_ids(self, tool_messages: list[dict], finished_with_eos: bool) -> list[int]:
-        """Closing of the assistant turn (the part not sampled) + tool messages + next header."""
-        full = self._render(self._probe + tool_messages, add_generation_prompt=True)
-        after = full[len(self._probe_text):]
-        closing = self.turn_end
-        if finished_with_eos and self.tok.eos_token and closing.startswith(self.tok.eos_token):
-            closing = closing[len(self.tok.eos_token):]
-        return self.encode(closing + after)
-
-    def conversation_ids(self, messages: list[dict]) -> tuple[list[int], list[int]]:
-        """(ids, mask) of a whole conversation, segmented exactly as a rollout produces it:
-        prompt, then per assistant turn its content + EOS (mask 1) and what follows (mask 0)."""
-        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        if not turns:
-            raise ValueError("conversation has no assistant message to train on")
-        ids = self.prompt_ids(messages[: turns[0]])
-        mask = [0] * len(ids)
-        for k, i in enumerate(turns):
-            sampled = self.encode(messages[i]["content"]) + [self.tok.eos_token_id]
-            ids += sampled
-            mask += [1] * len(sampled)
-            if k + 1 < len(turns):
-                obs = self.observation_ids(messages[i + 1: turns[k + 1]], finished_with_eos=True)
-                ids += obs
-                mask += [0] * len(obs)
-        return ids, mask
-
-
-def run_episodes(model, tokenizer, envs: list[ToolEnv], problems: list[Problem],
-                 params: SamplingParams, renderer: ChatRenderer | None = None,
-                 generator=None, max_context: int | None = None) -> list[Trajectory]:
-    """Play one episode per (env, problem), all in one batched `generate`: when an episode's turn
-    ends, its environment steps right away and the observation tokens are fed into the same row
-    (continuous batching across turns; nothing is prefilled twice)."""
+    The tools of the turns that end at one engine step run concurrently in a thread pool
+    (`tool_workers`): slow tools (a sandboxed interpreter) overlap instead of adding up, and
+    never run inside a decode step. The loop waits for them before the engine steps again,
+    which keeps a seed's episodes the same from run to run.
+    """
     renderer = renderer or ChatRenderer(tokenizer)
-    params = SamplingParams(**{**params.__dict__, "stop_strings": STOP_STRINGS})
-    stop = StopChecker(tokenizer, params.stop_strings)
+    if not params.stop_strings and envs:  # a turn ends where the environment's protocol says
+        params = replace(params, stop_strings=tuple(envs[0].stop_strings))
     trajs = []
     for env, problem in zip(envs, problems):
         messages = env.reset(problem)
         trajs.append(Trajectory(problem, renderer.prompt_ids(messages), messages=list(messages)))
-
-    def turn_end(i: int, tokens: list[int], logps: list[float], how: str) -> list[int] | None:
-        """The environment's step after episode i's turn: the tokens to feed next, or None when it ends."""
-        traj, env = trajs[i], envs[i]
-        turn = traj.n_turns
-        traj.extend(tokens, 1, logps, turn)
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        traj.turn_texts.append(text)
-        traj.messages.append({"role": "assistant", "content": text})
-        traj.truncated |= how == "length"
-        result = env.step(text)
-        traj.turn_rewards.append(result.reward)
-        too_long = max_context is not None and len(traj.prompt_ids) + len(traj.ids) >= max_context
-        if result.done or too_long:
-            traj.done = True
-            traj.correct, traj.answered = env.correct, env.answer is not None
-            traj.n_tool_calls, traj.n_tool_failures = env.n_calls, env.n_failures
-            return None
-        traj.messages += result.observation
-        observation = renderer.observation_ids(result.observation, how == "eos")
-        traj.extend(observation, 0, None, turn)
-        return observation
-
-    generate(model, tokenizer, [t.prompt_ids for t in trajs], params, stop, generator, on_turn_end=turn_end)
+    session = engine.start([t.prompt_ids for t in trajs], params, generator)
+    with ThreadPoolExecutor(tool_workers) as pool:
+        while session.live:
+            ended = session.step()
+            texts = [tokenizer.decode(turn.ids, skip_special_tokens=True) for _, turn in ended]
+            steps = [(envs[row].step, text) for (row, _), text in zip(ended, texts)]
+            results = list(pool.map(lambda a: a[0](a[1]), steps)) if len(steps) > 1 else [f(x) for f, x in steps]
+            for (row, turn), text, result in zip(ended, texts, results):
+                traj = trajs[row]
+                traj.add_turn(turn, text, result.reward)
+                too_long = max_context is not None and len(traj.prompt_ids) + len(traj.ids) >= max_context
+                if result.done or too_long:
+                    traj.end(envs[row])
+                    session.finish(row)
+                    continue
+                traj.messages += result.observation
+                observation = renderer.observation_ids(result.observation, turn.finish == "eos")
+                traj.extend(observation, 0, None, traj.n_turns - 1)
+                session.resume(row, observation)
     return trajs

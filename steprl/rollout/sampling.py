@@ -12,7 +12,7 @@ What makes it faster than a plain loop (every trick keeps the computation exact)
   `torch.cat`-ing the whole cache, and the attention mask is one preallocated tensor we slice;
 * finished rows leave the batch: once a quarter of the rows are done, the cache, mask and
   positions are compacted to the live rows, so late steps cost what the live rows cost;
-* multi-turn episodes stay in the batch (`on_turn_end`): a row whose turn ends gets its tool
+* multi-turn episodes stay in the batch (`NativeSession`): a row whose turn ends gets its tool
   result fed into its own cache, one token per step, while the other rows decode, and is
   never prefilled again;
 * decode steps of Llama-family models run through `decoder.LlamaDecoder` (LoRA merged, the
@@ -307,14 +307,14 @@ def extend(model, cache, seqs: list[list[int]], past: torch.Tensor, pad_id: int 
 
     With a `decoder` and keep = 1, a pass over an empty cache or one unpadded row runs packed
     (`LlamaDecoder.extend`): the same logits, cache and mask, without computing the padding."""
-    ids, mask, positions = left_pad(seqs, pad_id)
+    ids, mask, positions = (x.to(past.device) for x in left_pad(seqs, pad_id))
     one_row = past.shape[0] == 1 and len(seqs) > 1  # every row continues the cache's one row
     packed = decoder is not None and keep == 1 and (past.shape[1] == 0 or past.shape[0] == 1) and bool(past.all())
     past = past.expand(len(seqs), -1)
     if packed:
         return decoder.extend(seqs, cache)[:, None], torch.cat([past, mask], dim=1), positions + past.shape[1]
     if one_row:
-        cache.batch_select_indices(torch.zeros(len(seqs), dtype=torch.long))
+        cache.batch_select_indices(torch.zeros(len(seqs), dtype=torch.long, device=past.device))
     attn = torch.cat([past, mask], dim=1)
     positions = positions + past.sum(-1, keepdim=True)
     out = model(input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=cache,
@@ -322,89 +322,119 @@ def extend(model, cache, seqs: list[list[int]], past: torch.Tensor, pad_id: int 
     return out.logits, attn, positions
 
 
-@torch.inference_mode()
-def generate(model, tokenizer, prompts: list[list[int]], params: SamplingParams,
-             stop: StopChecker | None = None, generator=None, on_turn_end=None):
-    """Sample a continuation for every prompt. Returns (tokens, logps, finish) per row, where
-    finish is "eos", "stop" (a stop string) or "length" (`max_new_tokens`).
+class NativeSession:
+    """Episodes decoding together in one batch, turn after turn (continuous batching).
 
-    Multi-turn episodes: with `on_turn_end(row, tokens, logps, finish) -> list[int] | None`, a
-    row lives for several turns. When a turn ends, the callback gets that turn's sampled tokens
-    and returns either None (the row is done) or the tokens to feed before the row samples again
-    (the turn's closing, a tool's result, the next assistant header). Those are fed one per decode
-    step, like sampled tokens but not sampled. The row keeps its place in the batch and its KV
-    cache, so later turns are never prefilled again, and rows in different turns decode together
-    (an episode waiting on its tool result costs a row of a decode step, not a new batch). Each
-    turn gets its own `max_new_tokens`. Returns None in this mode: the callback has had everything.
+    `step()` runs one decode step for every row and returns the turns that ended at it, as
+    (row, tokens, logps, finish) with finish "eos", "stop" (a stop string) or "length"
+    (`max_new_tokens`). Before the next `step()` the caller settles each of them: `resume(row,
+    ids)` feeds `ids` (the turn's closing, a tool's result, the next assistant header) before
+    the row samples again, `finish(row)` ends it. Fed tokens go in one per decode step, like
+    sampled tokens but not sampled: the row keeps its place in the batch and its KV cache, so
+    later turns are never prefilled again, and rows in different turns decode together. Each
+    turn gets its own `max_new_tokens`.
     """
-    stop = stop or StopChecker(tokenizer, params.stop_strings)
-    n, max_new = len(prompts), params.max_new_tokens
-    decoder = LlamaDecoder.for_model(model)  # None where HF's forward must run (architecture, training mode)
-    cache, logits, prompt_mask, positions, shared = prefill(model, prompts, tokenizer.pad_token_id, max_new, decoder)
-    width = prompt_mask.shape[1]
-    # the mask of every row: its prompt's, then ones (a finished row's later tokens are never read)
-    mask = torch.ones(n, width + max_new, dtype=torch.long)
-    mask[:, :width] = prompt_mask
-    next_pos = positions[:, -1] + 1
-    decoder = decoder if slotted(cache) else None
-    if decoder is not None:
-        decoder.pack(n)
 
-    eos_ids = getattr(stop, "eos_ids", None)
-    is_eos = (lambda x: x in eos_ids) if eos_ids is not None else stop.is_eos  # duck-typed checkers
-    may_stop = getattr(stop, "may_stop", None) if stop.stop_strings else None
-    turn_tokens, turn_logps = [[] for _ in range(n)], [[] for _ in range(n)]
-    to_feed = [[] for _ in range(n)]  # tokens a row reads before it samples again
-    results = [None] * n
-    rows = torch.arange(n)  # original index of each row still in the batch
-    alive = [True] * n  # per batch position
-    t = 0  # columns after the prompt, the same for every row
-    while True:
-        new, new_logp = sample_next(logits, params, generator)
+    @torch.inference_mode()
+    def __init__(self, model, tokenizer, prompts: list[list[int]], params: SamplingParams,
+                 stop: StopChecker | None = None, generator=None):
+        self.model, self.params, self.generator = model, params, generator
+        self.stop = stop or StopChecker(tokenizer, params.stop_strings)
+        n, max_new = len(prompts), params.max_new_tokens
+        decoder = LlamaDecoder.for_model(model)  # None where HF's forward must run (architecture, training mode)
+        self.cache, self.logits, prompt_mask, positions, self.shared = prefill(
+            model, prompts, tokenizer.pad_token_id, max_new, decoder)
+        self.width = prompt_mask.shape[1]
+        # the mask of every row: its prompt's, then ones (a finished row's later tokens are never read)
+        self.mask = torch.ones(n, self.width + max_new, dtype=torch.long)
+        self.mask[:, :self.width] = prompt_mask
+        self.next_pos = positions[:, -1] + 1
+        self.decoder = decoder if slotted(self.cache) else None
+        if self.decoder is not None:
+            self.decoder.pack(n)
+        eos_ids = getattr(self.stop, "eos_ids", None)
+        self.is_eos = (lambda x: x in eos_ids) if eos_ids is not None else self.stop.is_eos  # duck-typed checkers
+        self.may_stop = getattr(self.stop, "may_stop", None) if self.stop.stop_strings else None
+        self.turn_tokens, self.turn_logps = [[] for _ in range(n)], [[] for _ in range(n)]
+        self.to_feed = [[] for _ in range(n)]  # tokens a row reads before it samples again
+        self.rows = torch.arange(n)  # original index of each row still in the batch
+        self.alive = [True] * n  # per batch position
+        self.unsettled: set[int] = set()  # rows whose ended turn awaits resume() or finish()
+        self.tokens = None  # what the next forward reads, per batch position
+        self.t = 0  # columns after the prompt, the same for every row
+        self.live = n  # episodes not finished
+
+    def resume(self, row: int, ids: list[int]) -> None:
+        self.unsettled.discard(row)
+        self.to_feed[row] = list(ids)
+
+    def finish(self, row: int) -> None:
+        self.unsettled.discard(row)
+        self.alive[self.rows.tolist().index(row)] = False
+        self.live -= 1
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[int, list[int], list[float], str]]:
+        if self.unsettled:
+            raise RuntimeError(f"rows {sorted(self.unsettled)} ended a turn: resume() or finish() them first")
+        if self.tokens is not None:
+            self._forward()
+        new, new_logp = sample_next(self.logits, self.params, self.generator)
         tokens, logps = new.tolist(), new_logp.tolist()
+        may_stop, stop = self.may_stop, self.stop
         stoppable = may_stop[new.clamp(max=len(may_stop) - 1)].tolist() if may_stop is not None else None
         ended = []
-        for i, r in enumerate(rows.tolist()):
-            if not alive[i]:
+        for i, r in enumerate(self.rows.tolist()):
+            if not self.alive[i]:
                 continue
-            if to_feed[r]:
-                tokens[i] = to_feed[r].pop(0)
+            if self.to_feed[r]:
+                tokens[i] = self.to_feed[r].pop(0)
                 continue
-            turn_tokens[r].append(tokens[i])
-            turn_logps[r].append(logps[i])
-            if is_eos(tokens[i]):
-                ended.append((i, r, "eos"))
-            elif stop.stop_strings and (stoppable is None or stoppable[i]) and stop.hits_stop_string(turn_tokens[r]):
-                ended.append((i, r, "stop"))
-            elif len(turn_tokens[r]) >= max_new:
-                ended.append((i, r, "length"))
-        for i, r, how in ended:
-            done = (turn_tokens[r], turn_logps[r], how)
-            turn_tokens[r], turn_logps[r] = [], []
-            feed = on_turn_end(r, *done) if on_turn_end is not None else None
-            if feed is None:
-                results[r], alive[i] = done, False
+            self.turn_tokens[r].append(tokens[i])
+            self.turn_logps[r].append(logps[i])
+            if self.is_eos(tokens[i]):
+                how = "eos"
+            elif stop.stop_strings and (stoppable is None or stoppable[i]) and stop.hits_stop_string(self.turn_tokens[r]):
+                how = "stop"
+            elif len(self.turn_tokens[r]) >= self.params.max_new_tokens:
+                how = "length"
             else:
-                to_feed[r] = list(feed)
-        n_alive = sum(alive)
-        if n_alive == 0:
-            break
-        new = torch.tensor(tokens, dtype=torch.long)
-        if n_alive <= 0.75 * len(alive):  # compact: finished rows leave the batch
-            keep = torch.tensor([i for i, a in enumerate(alive) if a])
-            cache.batch_select_indices(keep)
-            rows, mask, next_pos, new = rows[keep], mask[keep], next_pos[keep], new[keep]
-            alive = [True] * len(keep)
-        if width + t + 1 > mask.shape[1]:  # a later turn: room for another max_new columns
-            mask = torch.cat([mask, torch.ones(mask.shape[0], max_new, dtype=mask.dtype)], dim=1)
-        if decoder is not None:
-            logits = decoder.step(new, next_pos, cache, mask[:, :width + t + 1], shared)
+                continue
+            ended.append((r, self.turn_tokens[r], self.turn_logps[r], how))
+            self.turn_tokens[r], self.turn_logps[r] = [], []
+        self.unsettled = {r for r, *_ in ended}
+        self.tokens = tokens
+        return ended
+
+    def _forward(self) -> None:
+        """Read the last step's tokens into the cache: the logits the next step samples from."""
+        new = torch.tensor(self.tokens, dtype=torch.long)
+        if sum(self.alive) <= 0.75 * len(self.alive):  # compact: finished rows leave the batch
+            keep = torch.tensor([i for i, a in enumerate(self.alive) if a])
+            self.cache.batch_select_indices(keep)
+            self.rows, self.mask, self.next_pos, new = self.rows[keep], self.mask[keep], self.next_pos[keep], new[keep]
+            self.alive = [True] * len(keep)
+        width, t, max_new = self.width, self.t, self.params.max_new_tokens
+        if width + t + 1 > self.mask.shape[1]:  # a later turn: room for another max_new columns
+            self.mask = torch.cat([self.mask, torch.ones(self.mask.shape[0], max_new, dtype=self.mask.dtype)], dim=1)
+        if self.decoder is not None:
+            self.logits = self.decoder.step(new, self.next_pos, self.cache, self.mask[:, :width + t + 1], self.shared)
         else:
-            out = model(input_ids=new[:, None], attention_mask=mask[:, :width + t + 1],
-                        position_ids=next_pos[:, None], past_key_values=cache, use_cache=True)
-            logits = out.logits[:, -1]
-        next_pos = next_pos + 1
-        t += 1
-    if on_turn_end is not None:
-        return None
+            out = self.model(input_ids=new[:, None], attention_mask=self.mask[:, :width + t + 1],
+                             position_ids=self.next_pos[:, None], past_key_values=self.cache, use_cache=True)
+            self.logits = out.logits[:, -1]
+        self.next_pos = self.next_pos + 1
+        self.t += 1
+
+
+def generate(model, tokenizer, prompts: list[list[int]], params: SamplingParams,
+             stop: StopChecker | None = None, generator=None):
+    """One turn for every prompt: (tokens, logps, finish) per row (`NativeSession`, each row
+    finished when its turn ends)."""
+    session = NativeSession(model, tokenizer, prompts, params, stop, generator)
+    results = [None] * len(prompts)
+    while session.live:
+        for row, tokens, logps, how in session.step():
+            results[row] = (tokens, logps, how)
+            session.finish(row)
     return [r[0] for r in results], [r[1] for r in results], [r[2] for r in results]

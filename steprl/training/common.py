@@ -1,4 +1,4 @@
-"""Small pieces every recipe uses: seeding, stage directories, schedules, resumable state."""
+"""Small pieces every recipe uses: stage directories, schedules, the optimiser, resumable state."""
 from __future__ import annotations
 
 import json
@@ -14,17 +14,17 @@ from tqdm.auto import tqdm
 from steprl.config import RunConfig
 
 
-def setup_torch(cfg: RunConfig) -> None:
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-
-
 def stage_dir(cfg: RunConfig, stage: str) -> Path:
     path = cfg.run_dir / stage
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def previous_checkpoint(cfg: RunConfig, stage: str) -> str:
+    """What a stage starts from: the last earlier stage of this run that trains a policy."""
+    order = [s for s in cfg.stages if s != "rm"]
+    before = order[: order.index(stage)] if stage in order else []
+    return str(cfg.run_dir / before[-1] / "checkpoint") if before else cfg.model.name_or_path
 
 
 def cosine_lr(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:

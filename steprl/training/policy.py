@@ -1,4 +1,5 @@
-"""The trainable policy of an RL stage (grpo, ppo): start weights, LoRA, KL reference, optimiser.
+"""The trainable policy of an RL stage (grpo, ppo): start weights, LoRA, KL reference, optimiser,
+and its checkpoint (with PPO's value model beside it).
 
 Both RL recipes start the same way, so they share this one function: what differs between them
 (PPO's value model) is passed in, and the order of the steps is fixed here, because it decides
@@ -12,12 +13,15 @@ from typing import Callable
 
 import torch
 
+from safetensors.torch import load_file, save_file
+
 from steprl.config import LoraConfig, RunConfig
 from steprl.models.lean import lean_training
-from steprl.models.loading import apply_lora, is_peft, load_policy, resolve
+from steprl.models.loading import apply_lora, is_peft, load_policy, resolve, save_checkpoint
 from steprl.models.mapped import frozen_reference
-from steprl.recipes.common import adamw, load_state
-from steprl.recipes.sft import previous_checkpoint
+from steprl.training.common import adamw, load_state, previous_checkpoint
+
+VALUE_FILE = "value_model.safetensors"  # PPO's critic (or shared value head), beside the checkpoint
 
 
 @dataclass
@@ -31,16 +35,24 @@ class Policy:
     state: dict | None  # trainer_state.pt of an interrupted run: policy weights and optimiser restored
     value_model: torch.nn.Module | None = None
 
+    def save(self, directory: Path) -> None:
+        """The policy in Hugging Face format (adapter or full model), the value model beside it."""
+        save_checkpoint(self.model, self.tokenizer, directory, base_path=self.base)
+        if self.value_model is not None:
+            weights = {k: v.detach().contiguous() for k, v in self.value_model.state_dict().items()}
+            save_file(weights, str(directory / VALUE_FILE))
+
 
 def setup_policy(cfg: RunConfig, stage: str, lora: LoraConfig, learning_rate: float, need_ref: bool,
-                 ckpt: Path, value_model: Callable | None = None, value_lr: float | None = None) -> Policy:
+                 ckpt: Path, value_model: Callable | None = None, value_lr: float | None = None,
+                 device: torch.device | str = "cpu") -> Policy:
     """Load the previous stage's checkpoint, add LoRA (or a frozen reference copy when a KL term
     needs one), build AdamW, and resume from `ckpt` if an interrupted run left its state there.
 
     Under LoRA the reference is the same network with its adapters disabled: no second copy.
     `value_model(model)` (PPO) builds a value model from the loaded network before LoRA goes in,
     so that a separate critic copies the plain trunk; it trains in a second optimiser group at
-    `value_lr`, and restoring its weights on resume is the caller's (it knows the file).
+    `value_lr`. Everything lands on `device`.
     """
     base = resolve(previous_checkpoint(cfg, stage))
     model, tokenizer = load_policy(base)
@@ -54,6 +66,13 @@ def setup_policy(cfg: RunConfig, stage: str, lora: LoraConfig, learning_rate: fl
     state = load_state(ckpt) if ckpt.is_dir() else None
     if state:
         load_weights(model, ckpt)
+        if critic is not None:
+            critic.load_state_dict(load_file(str(ckpt / VALUE_FILE)))
+    model.to(device)
+    if critic is not None:
+        critic.to(device)
+    if ref_model is not None:
+        ref_model.to(device)
     params = [q for q in model.parameters() if q.requires_grad]
     groups = [{"params": params, "lr": learning_rate}]
     if critic is not None:
