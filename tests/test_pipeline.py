@@ -51,6 +51,26 @@ def test_eval_json_last_line(toy_run, capsys):
     assert result["n"] == 5 and 0.0 <= result["accuracy"] <= 1.0
 
 
+def test_eval_gives_the_same_greedy_episodes_on_both_engines(toy_run, capsys):
+    results = {}
+    for engine in ("native", "hf"):
+        assert main(["eval", str(toy_run), "--task", "calc", "--limit", "24", "--json", "--engine", engine]) == 0
+        results[engine] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert results["hf"]["engine"] == "hf" and results["hf"]["n"] == 24
+    for key in ("accuracy", "answered", "tool_calls_per_episode", "turns_mean"):
+        assert results["hf"][key] == results["native"][key], key
+
+
+def test_toy_pipeline_runs_with_the_hf_engine(tmp_path):
+    """Every stage, rollouts and evaluation through transformers' generate instead of our engine."""
+    assert main(["run", "configs/toy.yaml", f"output_dir={tmp_path}", "name=hf", "rollout.engine=hf"]) == 0
+    run = tmp_path / "hf"
+    summary = json.loads((run / "summary.json").read_text())
+    assert [s["name"] for s in summary["stages"]] == ["pretrain", "sft", "grpo"]
+    rows = read_jsonl(run / "grpo/metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3] and METRICS_GRPO <= set(rows[-1])
+
+
 def test_inspect_shows_trained_tokens(toy_run, capsys):
     assert main(["inspect", str(toy_run / "grpo"), "--no-color"]) == 0
     out = capsys.readouterr().out

@@ -305,3 +305,40 @@ def test_beginning_recomputed_for_its_backward_replays_dropout(tiny):
     assert got.keys() == want.keys() and want
     for name, g in want.items():
         torch.testing.assert_close(got[name], g, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_a_step_after_the_oom_ladder_reads_one_set_of_settings(tiny, monkeypatch):
+    """Auto-fix halves num_generations and max_new_tokens in the live settings: the rollout samples
+    with the new values, and the advantages group by the same G (not the config's), and dr_grpo's
+    normaliser uses the same max_new_tokens, so that no group's baseline mixes two prompts."""
+    from steprl.monitor.autofix import AutoFixer
+    from steprl.rollout import NativeEngine
+    from steprl.rollout.chat import tool_setup
+    from steprl.runtime import Runtime
+    from steprl.training.policy import Policy
+    from steprl.training.rl import RLState, live_settings
+
+    model, tok, task = copy.deepcopy(tiny[0]), tiny[1], tiny[2]
+    cfg = RunConfig(task=TaskConfig(name="calc"))
+    cfg.grpo = GRPOConfig(prompts_per_step=2, num_generations=4, max_new_tokens=32, max_turns=2, minibatch_size=8,
+                          micro_batch_size=1, kl_coef=0.0, loss_type="dr_grpo", lora=LoraConfig(enabled=False))
+    g = live_settings(cfg.grpo)
+    fixer = AutoFixer(model, g)
+    assert "num_generations 4 -> 2" in fixer.shrink_for_oom(1).evidence
+    assert "max_new_tokens 32 -> 16" in fixer.shrink_for_oom(2).evidence
+    assert cfg.grpo.num_generations == 4  # the run's config as written is untouched
+    seen = {"group_size": [], "max_len": []}
+    real_adv, real_agg = grpo.group_advantages, grpo.aggregate_loss
+    monkeypatch.setattr(grpo, "group_advantages", lambda r, n, *a: seen["group_size"].append(n) or real_adv(r, n, *a))
+    monkeypatch.setattr(grpo, "aggregate_loss",
+                        lambda *a, max_len=None: seen["max_len"].append(max_len) or real_agg(*a, max_len=max_len))
+    tools, renderer, suffix = tool_setup(task, tok)
+    params = [p for p in model.parameters() if p.requires_grad]
+    policy = Policy(model, tok, None, "", params, torch.optim.AdamW(params, lr=1e-4), None)
+    state = RLState(g, policy, Runtime(torch.device("cpu"), "fp32"), NativeEngine(model, tok), task, tools, renderer,
+                    suffix, task.problems("train", 10), generator=torch.Generator().manual_seed(0))
+    metrics, trajs = grpo.grpo_step(state)
+    assert len(trajs) == 2 * 2 and trajs[0].problem == trajs[1].problem != trajs[2].problem
+    per_turn = [t.turn_index.count(k) for t in trajs for k in range(t.n_turns)]
+    assert max(per_turn) <= 16 < 32  # sampled with the live max_new_tokens
+    assert seen["group_size"] == [2] and set(seen["max_len"]) == {16 * 2}

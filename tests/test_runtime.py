@@ -1,0 +1,58 @@
+"""The runtime: device and precision chosen at run time, seeds and threads set once per stage."""
+import json
+
+import pytest
+import torch
+
+from steprl import runtime
+from steprl.config import load_config
+
+
+def test_auto_precision_measures_once_per_machine_and_picks_the_faster(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime, "CACHE", tmp_path / "precision.json")
+    speeds = {torch.float32: 200.0, torch.bfloat16: 1900.0}  # an AMX CPU
+    calls = []
+    monkeypatch.setattr(runtime, "matmul_gflops", lambda dtype, device: calls.append(dtype) or speeds[dtype])
+    assert runtime.resolve_precision("auto", torch.device("cpu")) == "bf16"
+    assert runtime.resolve_precision("auto", torch.device("cpu")) == "bf16"
+    assert len(calls) == 2  # measured once (both dtypes), then read from the cache
+    cached = json.loads((tmp_path / "precision.json").read_text())
+    assert next(iter(cached.values())) == {"precision": "bf16", "fp32_gflops": 200.0, "bf16_gflops": 1900.0}
+    (tmp_path / "precision.json").unlink()
+    speeds[torch.bfloat16] = 0.3  # a CPU without bf16 units
+    assert runtime.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert runtime.resolve_precision("bf16", torch.device("cpu")) == "bf16"  # asked for: no measurement
+
+
+def test_a_missing_cuda_device_is_one_clear_line():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="runtime.device: cuda was asked for"):
+        runtime.resolve_device("cuda")
+    assert runtime.resolve_device("auto").type == "cpu"
+
+
+def test_setup_runtime_seeds_threads_and_rank(monkeypatch):
+    cfg = load_config(None, ["seed=7", "runtime.threads=1", "runtime.device=cpu", "runtime.precision=fp32"])
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    threads = torch.get_num_threads()
+    try:
+        rt = runtime.setup_runtime(cfg)
+        first = torch.rand(3)
+        runtime.setup_runtime(cfg)
+        assert torch.equal(first, torch.rand(3)) and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert (rt.device.type, rt.precision, rt.rank, rt.world_size, rt.is_main) == ("cpu", "fp32", 1, 2, False)
+
+
+def test_bf16_autocast_keeps_fp32_weights_and_the_loss_in_fp32():
+    rt = runtime.Runtime(torch.device("cpu"), "bf16")
+    layer = torch.nn.Linear(8, 8)
+    with rt.autocast():
+        out = layer(torch.randn(2, 8))
+    assert out.dtype == torch.bfloat16 and layer.weight.dtype == torch.float32
+    assert torch.log_softmax(out.float(), -1).dtype == torch.float32
+    with runtime.Runtime(torch.device("cpu"), "fp32").autocast():
+        assert layer(torch.randn(2, 8)).dtype == torch.float32
