@@ -197,3 +197,25 @@ with hub._file_lock(target.parent / (target.name + ".lock")):
     finally:
         proc.wait(timeout=30)
     assert proc.returncode == 0
+
+
+def test_a_hub_id_loads_from_the_users_hub_cache_offline(tiny, tmp_path, monkeypatch):
+    """`model.name_or_path: owner/name` reads the user's Hugging Face cache (no network in tests:
+    HF_HUB_OFFLINE=1); a hub id that is not there is one clear line."""
+    import huggingface_hub.constants as hf_constants
+
+    from steprl.cli import main
+    from steprl.models.loading import load_policy
+
+    model, tok, _ = tiny
+    snapshot = tmp_path / "models--acme--tiny-calc" / "snapshots" / ("0" * 40)
+    model.save_pretrained(snapshot)
+    tok.save_pretrained(snapshot)
+    (tmp_path / "models--acme--tiny-calc" / "refs").mkdir()
+    (tmp_path / "models--acme--tiny-calc" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    loaded, _ = load_policy("acme/tiny-calc")
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert main(["eval", "acme/missing-model", "--limit", "1", "--json"]) == 2

