@@ -1,7 +1,6 @@
 #!/usr/bin/env python
 """Which weight layout makes the decode step fastest: the model's own weights through `F.linear`
-(what `rollout.decoder` does), oneDNN's packed copies (`mkldnn_linear`, what it did before the eighth
-session), or transposed copies (`x @ W^T`). Two measurements:
+(what `rollout.decoder` does), oneDNN's packed copies (`mkldnn_linear`, an earlier choice), or transposed copies (`x @ W^T`). Two measurements:
 
   1. the real thing: SmolLM2 generation (64 sampled tokens), each layout in turn, interleaved
      ("MKL packed" is the decoder's own packing, LM head included, packing time included);

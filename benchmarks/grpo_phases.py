@@ -25,6 +25,7 @@ import run as bench  # noqa: E402  (the benchmark's set-up: offline, same step, 
 import torch  # noqa: E402
 
 from steprl.recipes import grpo  # noqa: E402
+from steprl.training import rl  # noqa: E402
 from steprl.memory import keep_freed_memory  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -94,13 +95,13 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="full fine-tuning (default: LoRA r16 on q,k,v,o)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up")
     ap.add_argument("--micro-batch", type=int, default=0, help="micro_batch_size (0: the 16 sequences in one pass)")
-    ap.add_argument("--release-memory", action="store_true", help="GRPOConfig.release_memory")
+    ap.add_argument("--release-memory", action="store_true", help="rollout.release_memory")
     ap.add_argument("--default-malloc", action="store_true")
     a = ap.parse_args()
     if not a.default_malloc:
         keep_freed_memory()
     phases = Phases()
-    phases.wrap(grpo, "run_episodes", "rollout")
+    phases.wrap(rl, "run_episodes", "rollout")
     phases.wrap(grpo, "reference_logprobs", "reference")
     phases.wrap(grpo, "minibatch_backward", "forward+backward")
     phases.wrap(grpo, "policy_loss", "forward")  # nested in forward+backward

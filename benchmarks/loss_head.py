@@ -2,7 +2,7 @@
 """The training passes' loss head at SmolLM2's vocabulary: log-probs of the sampled tokens plus the
 entropy, forward and backward, two ways on the same logits:
 
-  * logsumexp: `token_logprobs` as it was before the ninth session (z_token - logsumexp(z)) and
+  * logsumexp: `token_logprobs` in its earlier form (z_token - logsumexp(z)) and
     `entropy_from_logits` (a softmax of its own);
   * log-softmax: `algos.logprobs_and_entropy`, one fused log-softmax for both.
 

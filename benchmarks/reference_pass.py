@@ -2,7 +2,7 @@
 """The KL reference pass of a SmolLM2 GRPO step (4 prompts x 4, <= 64 sampled tokens), four ways
 on the same trajectories, interleaved: the reference as a copy in the heap or mapped from the
 checkpoint file (`models.mapped`, pages given back after each module), in 4 micro-batches of 4
-or in one pass of 16 (`grpo.REFERENCE_BATCHES`). Checks that all four give the same log-probs.
+or in one pass of 16 (`training.passes.REFERENCE_BATCHES`). Checks that all four give the same log-probs.
 
     python benchmarks/reference_pass.py [--repeats 5]
 """
@@ -22,11 +22,13 @@ import torch  # noqa: E402
 from steprl.config import RewardConfig  # noqa: E402
 from steprl.memory import keep_freed_memory  # noqa: E402
 from steprl.models.mapped import frozen_reference, release_reference  # noqa: E402
-from steprl.recipes.evaluate import make_envs, tool_setup  # noqa: E402
-from steprl.recipes.grpo import batched_logprobs  # noqa: E402
+from steprl.envs.tool_env import make_envs  # noqa: E402
+from steprl.rollout import NativeEngine  # noqa: E402
+from steprl.rollout.chat import tool_setup  # noqa: E402
 from steprl.rollout.episodes import run_episodes  # noqa: E402
 from steprl.rollout.sampling import SamplingParams  # noqa: E402
 from steprl.tasks import get_task  # noqa: E402
+from steprl.training.passes import batched_logprobs  # noqa: E402
 
 
 def main() -> None:
@@ -39,7 +41,7 @@ def main() -> None:
     tools, renderer, suffix = tool_setup(task, tok)
     episodes = [p for p in task.problems("train", 4, seed=0) for _ in range(4)]
     envs = make_envs(task, tools, RewardConfig(), 1, len(episodes), suffix)
-    trajs = run_episodes(model, tok, envs, episodes, SamplingParams(max_new_tokens=64), renderer,
+    trajs = run_episodes(NativeEngine(model, tok), tok, envs, episodes, SamplingParams(max_new_tokens=64), renderer,
                          torch.Generator().manual_seed(0))
     refs = {"heap": copy.deepcopy(model).eval().requires_grad_(False),
             "mapped": frozen_reference(model, model.name_or_path)}

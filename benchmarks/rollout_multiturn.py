@@ -15,7 +15,9 @@ import torch
 
 from steprl.config import RewardConfig
 from steprl.models.loading import load_policy
-from steprl.recipes.evaluate import make_envs, tool_setup
+from steprl.envs.tool_env import make_envs
+from steprl.rollout import NativeEngine
+from steprl.rollout.chat import tool_setup
 from steprl.rollout.episodes import run_episodes
 from steprl.rollout.sampling import SamplingParams
 from steprl.tasks import get_task
@@ -38,7 +40,7 @@ def main() -> None:
         for rep in range(1 + a.repeats):  # rep 0 is the warm-up
             envs = make_envs(task, tools, RewardConfig(), 3, len(problems), suffix)
             start = time.perf_counter()
-            trajs = run_episodes(model, tok, envs, problems, params, renderer, torch.Generator().manual_seed(rep))
+            trajs = run_episodes(NativeEngine(model, tok), tok, envs, problems, params, renderer, torch.Generator().manual_seed(rep))
             seconds.append(time.perf_counter() - start)
         acc = sum(t.correct for t in trajs) / len(trajs)
         turns = sum(t.n_turns for t in trajs) / len(trajs)

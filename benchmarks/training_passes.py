@@ -25,8 +25,8 @@ import torch  # noqa: E402
 
 from steprl.memory import keep_freed_memory  # noqa: E402
 from steprl.models.lean import lean_training  # noqa: E402
-from steprl.recipes.grpo import Beginning, completion_logprobs  # noqa: E402
 from steprl.rollout.episodes import Trajectory  # noqa: E402
+from steprl.training.passes import Beginning, completion_logprobs  # noqa: E402
 
 
 def trajectories(tok, prompts: int = 4, group: int = 4):

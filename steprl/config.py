@@ -36,8 +36,8 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    # "tiny" = the embedded default, built from scratch by the pretrain stage;
-    # otherwise a local Hugging Face directory or a known alias such as "smollm2".
+    # "tiny" = the embedded default, built from scratch by the pretrain stage; otherwise a local
+    # Hugging Face directory, a known alias such as "smollm2", or a hub id such as "Qwen/Qwen3-0.6B"
     name_or_path: str = "tiny"
     hidden_size: int = 256
     num_layers: int = 4
@@ -68,7 +68,7 @@ class PretrainConfig:
     log_every: int = 10
     eval_every: int = 100
     save_every: int = 200
-    compile: bool = False  # torch.compile the training step: -10% wall time (docs/benchmarks.md), but runs stop being bit-reproducible
+    compile: bool = False  # torch.compile the training step: -10% wall time (docs/benchmarks.md, "The demo's time"), but runs stop being bit-reproducible
 
 
 @dataclass

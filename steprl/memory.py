@@ -27,11 +27,11 @@ def keep_freed_memory() -> bool:
     """Make malloc keep freed memory for reuse instead of returning it to the OS.
 
     ~1.6 s of a 7 s LoRA forward + backward of SmolLM2 was page faults before
-    (docs/benchmarks.md, "Eighth session"). With mmap off and no trimming, the heap grows to the
+    (docs/benchmarks.md, "Keeping freed memory"). With mmap off and no trimming, the heap grows to the
     peak once and is reused. Freed memory stays resident until reused, and the heap fragments:
     the peak can grow (SmolLM2, LoRA, 16 sequences in one pass: 4.92 -> 5.44 GB; in micro-batches
     of 4: 2.37 -> 2.44 GB). Results do not change (torch aligns its buffers itself). The RL
-    recipes call it. Returns False where it cannot (not glibc)."""
+    runtime calls it for every stage on the CPU. Returns False where it cannot (not glibc)."""
     global _keeping
     libc = _libc()
     if libc is None:
@@ -45,12 +45,12 @@ def release_free_memory() -> bool:
     """Give the heap's free pages back to the OS (glibc's `malloc_trim`), keeping its layout.
 
     Under `keep_freed_memory` the previous step's freed activations stay resident until reused.
-    The RL steps call this before their rollout when `release_memory` is set: the rollout's
+    The native rollout engine calls this before each rollout when `rollout.release_memory` is set: the rollout's
     packed weights (own mappings) would otherwise come on top of that high-water mark (SmolLM2,
     full fine-tuning in micro-batches of 4: the rollout's peak was the step's). The price is
     paid by the next training passes, which fault the released pages in again: 0.15 s per GB on
     a good day here, ~3 s per step of one pass of 16 (full fine-tuning) on a slow one
-    (docs/benchmarks.md, "Eleventh session"). Returns False where it cannot (not glibc)."""
+    (docs/benchmarks.md, "`release_memory`"). Returns False where it cannot (not glibc)."""
     libc = _libc()
     if libc is None:
         return False

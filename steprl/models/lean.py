@@ -16,7 +16,7 @@ gradients and AdamW's moments. Two of HF's modules save more than their backward
 SmolLM2, GRPO micro-batches of 4 completions: 0.611 -> 0.404 GB saved per micro-batch, and the
 forward + backward is faster, not slower (no copies): 9.27 -> 8.76 s for 16 completions, the
 gradients equal to float rounding (`benchmarks/training_passes.py`; docs/benchmarks.md,
-"Eleventh session").
+"Lean training passes").
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ The template writes a tool message's content after a space (`<|im_start|>tool\n 
 copies the result into its answer, and in the pretraining prose every number it learned to copy
 from follows ' ' ("... = 17. The answer is 17."); after '\n' it never does. One fresh pipeline
 without the space copied every call right and most results wrong (SFT 0.16; docs/experiments.md,
-"Sixth session"). The calc task's calls get the same treatment (`tasks.calc.tool_call_text`).
+"The token before a copied number"). The calc task's calls get the same treatment (`tasks.calc.tool_call_text`).
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ three matmuls per projection per token. A decode step streams every weight from 
 with few rows: MKL's GEMM on weights packed for the batch's size (`pack`, at the start of each
 `generate`) streams them 15-27% faster at 16-64 rows than on the model's own layout, with the same
 results; oneDNN's packed copy was 5-20% slower, transposed copies no faster (docs/benchmarks.md,
-"Eighth session", "Ninth session"). The packed copy lives as long as the decoder, which the RL
+"The decode step's weights"). The packed copy lives as long as the decoder, which the RL
 steps drop after each rollout.
 
 Why not HF's forward for the prefill: a batch of prompts is left-padded to its longest, and the
@@ -95,7 +95,7 @@ class LlamaDecoder:
         the packed weights for batches of exactly that many rows (until rows finish), `F.linear`
         for others. A packed copy of the weights, freed with the decoder; packing SmolLM2 takes
         ~0.2 s, and its decode linears at 16-64 rows then run 15-27% faster, with the same
-        results (docs/benchmarks.md, "Ninth session"). Under LoRA the merged weights are packed."""
+        results (docs/benchmarks.md, "The decode step's weights"). Under LoRA the merged weights are packed."""
         if rows == self.packed_rows or rows < MIN_PACKED_ROWS or not MKL_PACKED:
             return
         self.packed = {}  # the old packing first: old and new together would double its memory

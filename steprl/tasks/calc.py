@@ -15,7 +15,7 @@ A solved episode looks like (ChatML):
 The model must copy the question's numbers into the call, pick the operators from the words
 and copy the tool's result into the answer: the calculator does the arithmetic.
 
-Two variants, selected by task args, for the experiments of issue 3:
+Variants, selected by task args, for the experiments in docs/experiments.md:
 
     tools=False           single-turn PBRFT: no tools, one turn (T = 1); the model writes
                           "We compute (12 + 5) / 3 = 6. <answer>6</answer>" and must do the
@@ -30,11 +30,11 @@ Two variants, selected by task args, for the experiments of issue 3:
 
 And one for the pretraining text: quoted=True adds `The expression is "(12 + 5) / 3".` before
 a fifth of the worked stories, so that a quote before a number is not first seen in a tool call
-(docs/experiments.md, "Fourth session"). And varied=True (the demo's setting) frames half the
+(docs/experiments.md, "The token before a copied number"). And varied=True (the demo's setting) frames half the
 worked solutions differently ("Compute ...", 'The expression is " ..."', "Expression: ...", ...):
 the pretrained model then copies the question's numbers in contexts other than "We compute",
 which is what a tool call asks of it (cold start 0.91 and 0.95 from two pretraining runs,
-against 0.16-0.60 without; docs/experiments.md, "Sixth session").
+against 0.16-0.60 without; docs/experiments.md, "The token before a copied number").
 """
 from __future__ import annotations
 
@@ -127,7 +127,8 @@ def tool_call_text(expression: str) -> str:
     number follows the token ' (' (or ' ((' or ' '); written as `"(12`, the call would put it
     after ' "(', a token that never precedes a number in pretraining, and the pretrained model
     miscopies exactly that number. Same pretrained model, same SFT: 0.54 held-out without the
-    space, 0.81 with it (docs/experiments.md, "Sixth session"). The calculator strips the space.
+    space, 0.81 with it (docs/experiments.md, "The token before a copied number"). The calculator
+    strips the space.
     """
     return format_tool_call("calculator", {"expression": " " + expression})
 

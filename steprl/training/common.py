@@ -54,7 +54,7 @@ def adamw(params, **kwargs) -> torch.optim.AdamW:
     same up to float rounding. The RL recipes use it; pretrain, SFT and RM keep torch's default
     kernel, because the embedded demo's outcome turned out to hang on that rounding: the same
     pretraining with the fused kernel gave a model whose SFT reached 0.37 instead of 0.84-0.91
-    (docs/experiments.md), and their step is cheap either way."""
+    (docs/experiments.md, "Reproducibility"), and their step is cheap either way."""
     return torch.optim.AdamW(params, fused=True, **kwargs)
 
 
