@@ -140,7 +140,7 @@ def pairwise_eval(model, score, pairs: list[dict], batch_size: int) -> dict:
     wins = (rc > rr).float()
     by_kind = {}
     for kind in sorted({p["kind"] for p in pairs}):
-        idx = torch.tensor([p["kind"] == kind for p in pairs])
+        idx = torch.tensor([p["kind"] == kind for p in pairs], device=wins.device)
         by_kind[kind] = wins[idx].mean().item()
     return {"accuracy": wins.mean().item(), "loss": bradley_terry_loss(rc, rr).item(), "n": len(pairs),
             "by_kind": by_kind}
@@ -159,7 +159,7 @@ def rm_base(cfg: RunConfig) -> str:
 
 
 def run(cfg: RunConfig) -> dict:
-    setup_runtime(cfg)
+    rt = setup_runtime(cfg)
     c, out = cfg.rm, stage_dir(cfg, "rm")
     base = resolve(rm_base(cfg))
     implicit = c.type == "implicit"
@@ -195,8 +195,8 @@ def run(cfg: RunConfig) -> dict:
             target_modules=list(c.lora.target_modules),
             modules_to_save=["score", *getattr(c.lora, "modules_to_save", [])]))
     elif implicit:
-        reference = copy.deepcopy(model).requires_grad_(False)
-    model.train()
+        reference = copy.deepcopy(model).requires_grad_(False).to(rt.device)
+    model.to(rt.device).train()
     pad_id = tokenizer.pad_token_id
     score = score_fn(model, pad_id, c.type, c.pooling, reference, c.beta)
     params = [q for q in model.parameters() if q.requires_grad]
@@ -215,9 +215,10 @@ def run(cfg: RunConfig) -> dict:
             lr = c.learning_rate * cosine_lr(step, total, c.warmup_steps)
             set_lr(optimizer, lr)
             batch = [train[i] for i in order[b * c.batch_size:(b + 1) * c.batch_size]]
-            s = pair_scores(score, batch)
+            with rt.autocast():
+                s = pair_scores(score, batch).float()
             r_w, r_l = s[: len(batch)], s[len(batch):]
-            margin = torch.tensor([p["margin"] for p in batch]) if c.use_margin else None
+            margin = torch.tensor([p["margin"] for p in batch], device=s.device) if c.use_margin else None
             loss = bradley_terry_loss(r_w, r_l, margin) + c.center_rewards_coefficient * ((r_w + r_l) ** 2).mean()
             optimizer.zero_grad(set_to_none=True)
             step += 1

@@ -49,10 +49,11 @@ def padded(seqs: list[list[int]], pad_id: int, masks: list[list[int]] | None = N
 def scores(model, seqs: list[list[int]], pad_id: int, masks: list[list[int]] | None = None) -> torch.Tensor:
     """r for each token sequence, [N], right-padded batch. Without `masks` the head reads the last
     real token; with them, r is the mean of the head's per-token scores where the mask is 1."""
+    device = next(model.parameters()).device
     if masks is None:
-        ids, attn = padded(seqs, pad_id)
+        ids, attn = (x.to(device) for x in padded(seqs, pad_id))
         return model(input_ids=ids, attention_mask=attn).logits[:, 0].float()
-    ids, attn, m = padded(seqs, pad_id, masks)
+    ids, attn, m = (x.to(device) for x in padded(seqs, pad_id, masks))
     inner = unwrap_peft(model)
     hidden = getattr(inner, inner.base_model_prefix)(input_ids=ids, attention_mask=attn).last_hidden_state
     per_token = inner.score(hidden)[..., 0].float()  # [N, T]
