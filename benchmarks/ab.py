@@ -170,7 +170,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", required=True, help="git revision of version A")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--parts", default="gen,grpo")
+    ap.add_argument("--parts", default="gen,grpo", help="gen (= gen64,gen16x4), gen64, gen16x4, grpo")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     versions = [Version(checkout(a.base), "A"), Version(ROOT, "B")]
@@ -179,15 +179,16 @@ def main() -> None:
     model, tok = new["steprl.models.hub"].load_causal_lm("smollm2")
     new["steprl.models.lean"].lean_training(model)  # as the RL stages build the policy
     rows = []
-    if "gen" in a.parts:
+    shapes = [shape for shape in ("64", "16x4") if {"gen", "gen" + shape} & set(a.parts.split(","))]
+    if shapes:
         task = new["steprl.tasks"].get_task("calc")
         tools, renderer, suffix = new["steprl.rollout.chat"].tool_setup(task, tok)
         env = new["steprl.envs.tool_env"].make_envs(task, tools, new["steprl.config"].RewardConfig(), 1, 1, suffix)[0]
         prompts = [renderer.prompt_ids(env.reset(p)) for p in task.problems("train", 64, seed=0)]
-        for shape in ("64", "16x4"):
+        for shape in shapes:
             rows.append(generation_ab(versions, model, tok, prompts, shape, a.repeats))
             report(rows[-1])
-    if "grpo" in a.parts:
+    if "grpo" in a.parts.split(","):
         lora = new["steprl.config"].LoraConfig(enabled=True, r=16, alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
         model = new["steprl.models.loading"].apply_lora(model, lora)
         rows.append(grpo_ab(versions, model, tok, a.repeats))
