@@ -30,10 +30,16 @@ def evaluate(model, tokenizer, task: Task, split: str = "test", limit: int | Non
     n = len(trajs)
     metrics = {
         "accuracy": sum(t.correct for t in trajs) / max(n, 1),
+        "accuracy_lenient": sum(task.check_lenient(t.problem, "\n".join(t.turn_texts)) for t in trajs) / max(n, 1),
         "n": n,
         "answered": sum(t.answered for t in trajs) / max(n, 1),
         "tool_calls_per_episode": sum(t.n_tool_calls for t in trajs) / max(n, 1),
         "tool_failure_rate": sum(t.n_tool_failures for t in trajs) / max(1, sum(t.n_tool_calls for t in trajs)),
         "turns_mean": sum(t.n_turns for t in trajs) / max(n, 1),
     }
+    if trajs and all("n_steps" in t.problem.meta for t in trajs):  # by how many calculator steps a problem needs
+        buckets = {}
+        for t in trajs:
+            buckets.setdefault(str(min(t.problem.meta["n_steps"], 3)).replace("3", "3+"), []).append(t.correct)
+        metrics["accuracy_by_steps"] = {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(buckets.items())}
     return metrics, trajs

@@ -9,9 +9,11 @@ from steprl.rewards.library import (
     combine,
     completion_text,
     format_reward,
+    length_over_target,
     length_penalty,
     resolve_reward,
     resolve_rewards,
+    step_bonus,
     step_reward,
     tool_success,
     tool_success_reward,
@@ -19,5 +21,6 @@ from steprl.rewards.library import (
 )
 
 __all__ = ["LIBRARY", "add_final_rewards", "accuracy", "accuracy_reward", "apply_rewards", "combine", "completion_text",
-           "format_reward", "length_penalty", "resolve_reward", "resolve_rewards", "step_reward",
+           "format_reward", "length_over_target", "length_penalty", "resolve_reward", "resolve_rewards", "step_bonus",
+           "step_reward",
            "tool_success", "tool_success_reward", "trajectory_rewards"]

@@ -130,6 +130,50 @@ def length_penalty(max_len: int = 256, coef: float = 0.1, unit: str = "chars") -
     return length_penalty_reward
 
 
+def _correct(i: int, completion, answer, trajectories) -> bool | None:
+    """Whether completion i is correct: from `answer` when given, else the trajectory's own verdict."""
+    if answer is not None and answer[i] is not None:
+        return answers_match(extract_answer(completion_text(completion)), str(answer[i]))
+    if trajectories is not None:
+        return trajectories[i].correct
+    return None
+
+
+def length_over_target(alpha: float = 0.001, target: int = 200) -> RewardFn:
+    """For correct answers only: -alpha * max(0, L - target), L the characters of all assistant
+    text; 0.0 for wrong answers (so length never makes a wrong answer worse); None when
+    correctness is unknown. The source's length penalty (alpha 0.001, target 200)."""
+    def length_over_target_reward(prompts, completions, answer=None, trajectories=None, **kwargs):
+        out = []
+        for i, c in enumerate(completions):
+            correct = _correct(i, c, answer, trajectories)
+            out.append(None if correct is None else -alpha * max(0, len(assistant_text(c)) - target) if correct else 0.0)
+        return out
+    return length_over_target_reward
+
+
+def step_bonus(beta: float = 0.1, cap: int = 3) -> RewardFn:
+    """For correct answers only: beta * min(steps, cap), steps = the episode's successful tool calls
+    (from `trajectories`, or its tool messages not starting with "Error"), or, for an episode that
+    calls no tool, the non-empty lines of its text (its written steps). The source's step bonus."""
+    def step_bonus_reward(prompts, completions, answer=None, trajectories=None, **kwargs):
+        out = []
+        for i, c in enumerate(completions):
+            correct = _correct(i, c, answer, trajectories)
+            if not correct:
+                out.append(None if correct is None else 0.0)
+                continue
+            if trajectories is not None:
+                calls = trajectories[i].n_tool_calls - trajectories[i].n_tool_failures
+            else:
+                calls = 0 if isinstance(c, str) else sum(1 for m in c if m.get("role") == "tool"
+                                                         and not str(m.get("content", "")).startswith("Error"))
+            steps = calls or sum(1 for line in assistant_text(c).splitlines() if line.strip())
+            out.append(beta * min(steps, cap))
+        return out
+    return step_bonus_reward
+
+
 def step_reward(prompts, completions, trajectories=None, gamma: float = 1.0, **kwargs):
     """The environment's per-step rewards as one number: R = sum_t gamma^t r_t (None without
     trajectories). Use it when the env's rewards are not already counted (e.g. scoring saved
@@ -191,6 +235,7 @@ LIBRARY: dict[str, tuple[Callable, bool]] = {
     "format": (format_reward, False), "format_reward": (format_reward, False),
     "tool_success": (tool_success, True), "tool_success_reward": (tool_success, True),
     "length_penalty": (length_penalty, True),
+    "length_over_target": (length_over_target, True), "step_bonus": (step_bonus, True),
     "step_reward": (step_reward, False), "step": (step_reward, False),
     "numbers_copied": (numbers_copied, False),
 }

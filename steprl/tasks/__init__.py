@@ -5,8 +5,9 @@ import importlib
 
 from steprl.tasks.base import Problem, Task, answers_match, extract_answer
 from steprl.tasks.calc import CalcTask
+from steprl.tasks.gsm8k import Gsm8kTask
 
-TASKS = {"calc": CalcTask}
+TASKS = {"calc": CalcTask, "gsm8k": Gsm8kTask}
 
 
 def get_task(name: str, **kwargs) -> Task:

@@ -84,6 +84,10 @@ class Task:
     def check(self, problem: Problem, completion: str) -> bool:
         return answers_match(self.extract_answer(completion), problem.answer)
 
+    def check_lenient(self, problem: Problem, completion: str) -> bool:
+        """What a lenient grader accepts (answers outside the requested format); strict by default."""
+        return self.check(problem, completion)
+
     def prompt_messages(self, problem: Problem) -> list[dict]:
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return messages + [{"role": "user", "content": problem.question}]
