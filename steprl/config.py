@@ -82,6 +82,7 @@ class SFTConfig:
     batch_size: int = 16
     learning_rate: float = 1e-3
     warmup_steps: int = 10
+    warmup_ratio: float = 0.0  # > 0: warm up over this share of the steps instead of warmup_steps (TRL's name)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     max_length: int = 512
@@ -368,6 +369,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if not 0 <= cfg.sft.warmup_ratio < 1:
+        raise ConfigError(f"sft.warmup_ratio: must be in [0, 1), got {cfg.sft.warmup_ratio}")
     if not 0 <= cfg.sft.no_tool_fraction <= 1:
         raise ConfigError(f"sft.no_tool_fraction: must be in [0, 1], got {cfg.sft.no_tool_fraction}")
     if not r.data and r.n_pairs < 1:

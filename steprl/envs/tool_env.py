@@ -33,6 +33,17 @@ class StepResult:
     info: dict = field(default_factory=dict)
 
 
+def with_system_suffix(messages: list[dict], suffix: str) -> list[dict]:
+    """The conversation with `suffix` (tool descriptions, the answer format, for a model whose
+    template does not carry them) at the end of its system message: what rollouts and SFT both
+    show the model."""
+    if not suffix:
+        return list(messages)
+    if messages and messages[0]["role"] == "system":
+        return [{"role": "system", "content": messages[0]["content"] + suffix}] + list(messages[1:])
+    return [{"role": "system", "content": suffix.strip()}] + list(messages)
+
+
 class ToolEnv:
     def __init__(self, task: Task, tools: dict, reward: RewardConfig, max_turns: int,
                  system_suffix: str = ""):
@@ -49,13 +60,7 @@ class ToolEnv:
         self.n_calls = self.n_failures = 0
         self.answer: str | None = None
         self.correct = False
-        messages = self.task.prompt_messages(problem)
-        if self.system_suffix:
-            if messages and messages[0]["role"] == "system":
-                messages[0] = {"role": "system", "content": messages[0]["content"] + self.system_suffix}
-            else:
-                messages.insert(0, {"role": "system", "content": self.system_suffix.strip()})
-        return messages
+        return with_system_suffix(self.task.prompt_messages(problem), self.system_suffix)
 
     def step(self, text: str) -> StepResult:
         cfg = self.reward_cfg

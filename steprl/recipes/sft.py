@@ -2,7 +2,8 @@
 
     L = -(1 / |y|) sum_{t in assistant tokens} log P(y_t | x, y_<t)
 
-Conversations are tokenised exactly as rollouts will see them (ChatRenderer.conversation_ids):
+Conversations are tokenised exactly as rollouts will see them (ChatRenderer.conversation_ids, with
+the same tool descriptions in the system prompt):
 system, user and tool messages are context (mask 0); each assistant turn and its end-of-turn
 token are trained (mask 1). LoRA through peft, or full fine-tuning.
 
@@ -23,7 +24,8 @@ from steprl.models.loading import apply_lora, load_policy, resolve, save_checkpo
 from steprl.monitor import MetricsLogger
 from steprl.training.common import (Timer, cosine_lr, mark_done, previous_checkpoint, progress_bar, set_lr,
                                    stage_dir)
-from steprl.rollout.chat import ChatRenderer
+from steprl.envs.tool_env import with_system_suffix
+from steprl.rollout.chat import tool_setup
 from steprl.runtime import setup_runtime
 from steprl.tasks import get_task
 
@@ -83,8 +85,8 @@ def run(cfg: RunConfig) -> dict:
     task = get_task(cfg.task.name, **cfg.task.args)
     conversations = (load_conversations(s.data) if s.data
                      else cold_start(task, s.n_examples, s.no_tool_fraction, seed=cfg.seed))
-    renderer = ChatRenderer(tokenizer)
-    examples = [renderer.conversation_ids(c) for c in conversations]
+    _, renderer, suffix = tool_setup(task, tokenizer)  # the prompt rollouts will show, tools described
+    examples = [renderer.conversation_ids(with_system_suffix(c, suffix)) for c in conversations]
     examples = [(ids[: s.max_length], m[: s.max_length]) for ids, m in examples]
     random.Random(cfg.seed).shuffle(examples)
     n_eval = max(1, len(examples) // 10) if len(examples) >= 20 else 0
@@ -97,6 +99,7 @@ def run(cfg: RunConfig) -> dict:
     optimizer = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=s.weight_decay)
     steps_per_epoch = (len(train_set) + s.batch_size - 1) // s.batch_size
     total = steps_per_epoch * s.epochs
+    warmup = int(s.warmup_ratio * total) if s.warmup_ratio > 0 else s.warmup_steps
     logger = MetricsLogger(out, "sft", report_to=cfg.report_to, live_doctor=cfg.doctor.enabled,
                            doctor_context={"learning_rate": s.learning_rate})
     bar = progress_bar(total, f"sft ({'LoRA r=%d' % s.lora.r if s.lora.enabled else 'full'}, "
@@ -106,7 +109,7 @@ def run(cfg: RunConfig) -> dict:
         order = list(range(len(train_set)))
         rng.shuffle(order)
         for b in range(steps_per_epoch):
-            lr = s.learning_rate * cosine_lr(step, total, s.warmup_steps)
+            lr = s.learning_rate * cosine_lr(step, total, warmup)
             set_lr(optimizer, lr)
             batch = [train_set[i] for i in order[b * s.batch_size:(b + 1) * s.batch_size]]
             ids, attn, labels = (x.to(rt.device) for x in collate(batch, tokenizer.pad_token_id))

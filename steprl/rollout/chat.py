@@ -20,6 +20,23 @@ class ChatRenderer:
         self._probe = probe
         self._probe_text = rendered
 
+    def check_prefix_stable(self) -> None:
+        """Rollouts append each turn's tokens to the ones before it, so the template must render a
+        conversation extended by one turn as the rendering before it, then the turn. Templates
+        that rewrite earlier turns (dropping a past turn's reasoning, say) break that: one line."""
+        convo = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]
+        before = self._render(convo, add_generation_prompt=True)
+        for k in range(2):
+            turn = {"role": "assistant", "content": f'A{k} <tool_call>{{"name": "f", "arguments": {{}}}}</tool_call>'}
+            convo = convo + [turn, {"role": "tool", "content": str(40 + k)}]
+            after = self._render(convo, add_generation_prompt=True)
+            if not after.startswith(before + turn["content"]):
+                at = next((i for i, (x, y) in enumerate(zip(after, before + turn["content"])) if x != y), len(before))
+                raise ValueError(f"chat template of '{self.tok.name_or_path}' is not prefix-stable: a conversation "
+                                 f"extended by one turn renders differently before it (at character {at}: "
+                                 f"{after[max(0, at - 20):at + 20]!r}); rollouts cannot append turns to its token ids")
+            before = after
+
     def _render(self, messages, add_generation_prompt):
         kwargs = {"tools": self.tools_schema} if self.tools_schema else {}
         return self.tok.apply_chat_template(messages, tokenize=False,
@@ -71,13 +88,16 @@ def tool_setup(task: Task, tokenizer):
     schemas = [function_schema(fn) for fn in tools.values()]
     template = tokenizer.chat_template or ""
     if template == CHATML_TEMPLATE:
-        return tools, ChatRenderer(tokenizer), ""
-    if not schemas:
-        return tools, ChatRenderer(tokenizer), " " + task.answer_format
-    if "tools" in template:
-        return tools, ChatRenderer(tokenizer, schemas), " " + task.answer_format
-    described = "\n".join(json.dumps(s["function"]) for s in schemas)
-    suffix = (f"\nYou can call these tools:\n{described}\nTo call one, write "
-              '<tool_call>{"name": NAME, "arguments": {...}}</tool_call> and wait for its result. '
-              + task.answer_format)
-    return tools, ChatRenderer(tokenizer), suffix
+        renderer, suffix = ChatRenderer(tokenizer), ""
+    elif not schemas:
+        renderer, suffix = ChatRenderer(tokenizer), " " + task.answer_format
+    elif "tools" in template:  # the template renders the schemas and the tool role itself
+        renderer, suffix = ChatRenderer(tokenizer, schemas), " " + task.answer_format
+    else:
+        described = "\n".join(json.dumps(s["function"]) for s in schemas)
+        renderer = ChatRenderer(tokenizer)
+        suffix = (f"\nYou can call these tools:\n{described}\nTo call one, write "
+                  '<tool_call>{"name": NAME, "arguments": {...}}</tool_call> and wait for its result. '
+                  + task.answer_format)
+    renderer.check_prefix_stable()
+    return tools, renderer, suffix
