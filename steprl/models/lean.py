@@ -90,12 +90,14 @@ class GatedMLPTail(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         gate, up, weight = ctx.saved_tensors
+        w = weight.to(grad.dtype)  # under autocast the forward ran in bf16 (grad's dtype) on fp32 weights
         act = F.silu(gate)
-        grad_product = grad.matmul(weight)
+        grad_product = grad.matmul(w)
         grad_weight = None
         if ctx.needs_input_grad[2]:
-            grad_weight = grad.flatten(0, -2).t().mm((act * up).flatten(0, -2))
-        return torch.ops.aten.silu_backward(grad_product * up, gate), grad_product * act, grad_weight
+            grad_weight = grad.flatten(0, -2).t().mm((act * up).flatten(0, -2).to(grad.dtype)).to(weight.dtype)
+        return (torch.ops.aten.silu_backward((grad_product * up).to(gate.dtype), gate),
+                (grad_product * act).to(up.dtype), grad_weight)
 
 
 def lean_mlp_forward(self, x):
