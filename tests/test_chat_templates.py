@@ -155,5 +155,5 @@ def test_the_sources_qwen3_recipe_runs_at_toy_size(qwen_style, tmp_path):
     assert [s["name"] for s in summary["stages"]] == ["sft", "grpo"]
     assert all(s["eval"]["n"] == 4 for s in summary["stages"])
     rows = [json.loads(line) for line in (run / "grpo/metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2] and "reward/accuracy" in json.dumps(rows[0]) or "reward" in rows[0]
+    assert [r["step"] for r in rows] == [1, 2] and all("reward" in r for r in rows)
     assert (run / "grpo/checkpoint/adapter_config.json").is_file()

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from test_env_and_rollout import ScriptedEnv
+from test_env_and_rollout import ScriptedEnv, logps_match
 
 from steprl.config import RewardConfig
 from steprl.envs.tool_env import make_envs
@@ -45,14 +45,7 @@ def test_sampled_logprobs_equal_a_fresh_forward(tiny, engine, temperature, top_p
     trajs = play(engine(model, tok), tok, task.problems("train", len(TURNS)), params, seed=5)
     with torch.no_grad():
         logp, _ = completion_logprobs(model, trajs, temperature=temperature)
-    width = logp.shape[1]
-    n = 0
-    for i, t in enumerate(trajs):
-        for fresh, old, m in zip(logp[i, width - len(t.ids):].tolist(), t.logps, t.mask):
-            if m:
-                assert abs(fresh - old) < 1e-4
-                n += 1
-    assert n > 30
+    assert logps_match(logp, trajs) > 30
 
 
 def test_hf_engine_episodes_repeat_with_the_seed(tiny):
@@ -112,8 +105,4 @@ def test_hf_engine_runs_any_causal_lm(tiny):
     assert [t.n_turns for t in trajs] == TURNS
     with torch.no_grad():
         logp, _ = completion_logprobs(gpt2, trajs)
-    width = logp.shape[1]
-    for i, t in enumerate(trajs):
-        for fresh, old, m in zip(logp[i, width - len(t.ids):].tolist(), t.logps, t.mask):
-            if m:
-                assert abs(fresh - old) < 1e-4
+    assert logps_match(logp, trajs) > 0

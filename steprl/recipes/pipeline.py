@@ -11,7 +11,7 @@ import resource
 import time
 
 from steprl.config import RunConfig, save_config
-from steprl.runtime import setup_runtime
+from steprl.runtime import resolve_device, setup_runtime
 from steprl.training.common import done_info, stage_dir
 
 
@@ -36,7 +36,7 @@ def evaluate_stage(cfg: RunConfig, stage: str) -> dict:
     if stage == "rm":
         return {"accuracy": 0.0, "n": 0}
     model, tokenizer = load_policy(str(out / "checkpoint"))
-    model.to(setup_runtime(cfg).device)
+    model.to(resolve_device(cfg.runtime.device))
     e = cfg.eval
     metrics, trajs = evaluate(model, tokenizer, get_task(cfg.task.name, **cfg.task.args), e.split, e.limit,
                               e.batch_size, e.max_new_tokens, e.max_turns, engine=cfg.rollout.engine)

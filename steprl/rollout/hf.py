@@ -37,7 +37,7 @@ class HFEngine:
         """One turn per prompt: the sampled ids up to and including the EOS or the stop string's
         last token, their log-probs, and why the turn ended."""
         tok, model = self.tokenizer, self.model
-        stop = StopChecker(tok, params.stop_strings)
+        stop = StopChecker.cached(tok, params.stop_strings)
         device = next(model.parameters()).device
         ids, mask, _ = left_pad(prompts, tok.pad_token_id)
         greedy = params.temperature == 0

@@ -26,7 +26,7 @@ class NativeEngine:
         if self.release_memory:
             release_free_memory()
         session = NativeSession(self.model, self.tokenizer, prompts, params,
-                                StopChecker(self.tokenizer, params.stop_strings), generator)
+                                StopChecker.cached(self.tokenizer, params.stop_strings), generator)
         return _TurnsOf(session)
 
     def sleep(self) -> None:

@@ -27,6 +27,7 @@ What makes it faster than a plain loop (every trick keeps the computation exact)
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,9 @@ def inverse_cdf_sample(probs: torch.Tensor, generator=None) -> torch.Tensor:
     return torch.searchsorted(cdf, u, side="right").clamp(max=probs.shape[-1] - 1).squeeze(-1)
 
 
+_CHECKERS = weakref.WeakKeyDictionary()  # tokenizer -> {stop strings: StopChecker}
+
+
 class StopChecker:
     """Ends a row on EOS or when its decoded text ends with a stop string."""
 
@@ -97,6 +101,16 @@ class StopChecker:
             text = tokenizer.convert_tokens_to_string([piece]) if piece else ""
             if text and text[-1] in last_chars:
                 self.may_stop[i] = True
+
+    @classmethod
+    def cached(cls, tokenizer, stop_strings) -> "StopChecker":
+        """One checker per tokenizer and stop strings: building one scans the whole vocabulary
+        (~0.5 s at 49k tokens), and engines need one per rollout or per turn."""
+        per_tokenizer = _CHECKERS.setdefault(tokenizer, {})
+        key = tuple(stop_strings)
+        if key not in per_tokenizer:
+            per_tokenizer[key] = cls(tokenizer, key)
+        return per_tokenizer[key]
 
     def is_eos(self, token: int) -> bool:
         return token in self.eos_ids
@@ -339,7 +353,7 @@ class NativeSession:
     def __init__(self, model, tokenizer, prompts: list[list[int]], params: SamplingParams,
                  stop: StopChecker | None = None, generator=None):
         self.model, self.params, self.generator = model, params, generator
-        self.stop = stop or StopChecker(tokenizer, params.stop_strings)
+        self.stop = stop or StopChecker.cached(tokenizer, params.stop_strings)
         n, max_new = len(prompts), params.max_new_tokens
         decoder = LlamaDecoder.for_model(model)  # None where HF's forward must run (architecture, training mode)
         self.cache, self.logits, prompt_mask, positions, self.shared = prefill(
