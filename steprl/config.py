@@ -8,6 +8,7 @@ with one line that names the key and what is allowed. Field names follow TRL whe
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -87,6 +88,7 @@ class SFTConfig:
     max_grad_norm: float = 1.0
     max_length: int = 512
     log_every: int = 5
+    save_every: int = 50  # optimiser steps between checkpoints a killed run resumes from; 0 = only the final one
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(enabled=True))
 
 
@@ -219,6 +221,7 @@ class RMConfig:
     beta: float = 0.05  # implicit only: the scale of the log-ratio
     init_from: str | None = None  # default: the last policy stage before rm (else model.name_or_path)
     log_every: int = 5
+    save_every: int = 50  # optimiser steps between checkpoints a killed run resumes from; 0 = only the final one
     eval_batch_size: int = 64
     lora: LoraConfig = field(default_factory=lambda: LoraConfig())  # LoRA (task SEQ_CLS, score head trained) or full
 
@@ -241,6 +244,9 @@ class RolloutConfig:
     # a lower peak RSS, paid for by page faults in the next training passes
     release_memory: bool = False
     tool_workers: int = 8  # threads that run the tools of the turns ending at one decode step
+    # a tool call still running after this many seconds is abandoned and answers "Error: ... timed
+    # out" (a failed call; the episode goes on); 0 = wait forever
+    tool_timeout_s: float = 10.0
 
 
 
@@ -305,13 +311,15 @@ def _coerce(value, tp, key: str):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return value
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads "5e-3" as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
+    if tp is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:  # a str too: YAML 1.1 reads "5e-3" as a string
+            number = float(value)
+        except (ValueError, OverflowError):
+            number = None
+        if number is not None and not math.isfinite(number):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        if number is not None:
+            return number
     if tp is bool and isinstance(value, bool):
         return value
     if tp in (int, str) and isinstance(value, tp) and not isinstance(value, bool):
@@ -328,9 +336,9 @@ def _build(cls, data, prefix: str = ""):
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
-        full = f"{prefix}.{key}" if prefix else key
+        full = f"{prefix}.{key}" if prefix else str(key)
         if key not in hints:
-            raise ConfigError(f"unknown key '{full}' (allowed: {', '.join(names)})")
+            raise ConfigError(f"unknown key {full!r} (allowed: {', '.join(names)})")
         kwargs[key] = _coerce(value, hints[key], full)
     return cls(**kwargs)
 
@@ -339,10 +347,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     """Checks that span fields: values that parse but make no sense."""
     bad = [s for s in cfg.stages if s not in STAGES]
     if bad:
-        raise ConfigError(f"stages: unknown stage '{bad[0]}' (allowed: {', '.join(STAGES)})")
+        raise ConfigError(f"stages: unknown stage {bad[0]!r} (allowed: {', '.join(STAGES)})")
     bad = [s for s in cfg.eval_after if s not in STAGES]
     if bad:
-        raise ConfigError(f"eval_after: unknown stage '{bad[0]}' (allowed: {', '.join(STAGES)})")
+        raise ConfigError(f"eval_after: unknown stage {bad[0]!r} (allowed: {', '.join(STAGES)})")
     g = cfg.grpo
     positive = {"grpo.steps": g.steps, "grpo.prompts_per_step": g.prompts_per_step,
                 "grpo.max_new_tokens": g.max_new_tokens, "grpo.max_turns": g.max_turns,
@@ -369,6 +377,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: must be >= 1, got {value}")
+    if cfg.rollout.tool_timeout_s < 0:
+        raise ConfigError(f"rollout.tool_timeout_s: must be >= 0 (0 = no limit), got {cfg.rollout.tool_timeout_s}")
     if not 0 <= cfg.sft.warmup_ratio < 1:
         raise ConfigError(f"sft.warmup_ratio: must be in [0, 1), got {cfg.sft.warmup_ratio}")
     if not 0 <= cfg.sft.no_tool_fraction <= 1:
@@ -399,11 +409,11 @@ def validate(cfg: RunConfig) -> RunConfig:
 
 def parse_override(text: str) -> tuple[list[str], object]:
     if "=" not in text:
-        raise ConfigError(f"override '{text}': expected key=value, e.g. grpo.learning_rate=5e-5")
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. grpo.learning_rate=5e-5")
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: a date like 2020-13-45
         value = raw
     return key.strip().split("."), value
 
@@ -414,18 +424,22 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file '{path}' not found")
+            raise ConfigError(f"config file {str(path)!r} not found")
         try:
             data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        except (yaml.YAMLError, ValueError, RecursionError) as err:  # ValueError: a date like 2020-13-45
+            raise ConfigError(f"{path}: not valid YAML ({(str(err).splitlines() or [''])[0]})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
     for text in overrides:
         keys, value = parse_override(text)
         node = data
         for k in keys[:-1]:
-            node = node.setdefault(k, {})
+            if node.get(k) is None:  # absent, or an empty section ("grpo:" with nothing under it)
+                node[k] = {}
+            node = node[k]
             if not isinstance(node, dict):
-                raise ConfigError(f"override '{text}': '{k}' is not a section")
+                raise ConfigError(f"override {text!r}: {k!r} is not a section")
         node[keys[-1]] = value
     return validate(_build(RunConfig, data))
 

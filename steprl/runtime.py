@@ -1,9 +1,19 @@
 """Where a stage's tensors live and how they compute: device, precision, seed, threads, and which
-process of a launch this is (torchrun / accelerate set RANK and WORLD_SIZE).
+process of a launch this is (torchrun / accelerate launch set RANK, WORLD_SIZE and LOCAL_RANK).
 
     rt = setup_runtime(cfg)            once per stage, before anything random happens
     model.to(rt.device)                every tensor a recipe builds goes there too
     with rt.autocast(): ...            bf16 matmuls where precision is bf16; fp32 master weights
+
+Data parallel across processes is torch.distributed's (gloo on CPUs, NCCL on GPUs), the same
+all-reduce DDP does, called where a recipe needs it:
+
+    mine = rt.shard(batch)             this rank's equal, contiguous part of a global batch
+    rt.sync_gradients(params, ok)      gradients averaged over ranks; False (all skip) if any rank's were not finite
+    rt.mean_metrics(metrics)           every logged number averaged over ranks
+    rt.gather(items)                   every rank's items, in rank order, on every rank
+
+With one process each of these returns its input: no process group, no cost.
 
 Precision "auto" measures once per machine whether a bf16 matmul beats fp32 here (CPUs with AMX
 and GPUs: several times; CPUs without bf16 units: hundreds of times slower) and caches the answer.
@@ -15,11 +25,14 @@ import contextlib
 import json
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from steprl.config import RunConfig
 from steprl.memory import keep_freed_memory
@@ -45,13 +58,119 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
+    # ------------------------------------------------------------ data parallel (identity on one process)
+
+    def rank_seed(self, seed: int) -> int:
+        """The seed of this rank's sampling: rank 0 keeps `seed`, the others their own streams."""
+        return seed + (self.rank << 32)
+
+    def shard(self, items: list, what: str = "batch", even: bool = True) -> list:
+        """This rank's contiguous part of `items`: 1/world_size of them, so that groups of
+        consecutive items stay together when their size divides it; with even=False, parts that
+        differ by at most one item (possibly none)."""
+        if self.world_size == 1:
+            return items
+        if even and len(items) % self.world_size:
+            raise ValueError(f"{what} of {len(items)} does not split evenly over {self.world_size} processes")
+        n, extra = divmod(len(items), self.world_size)
+        lo = self.rank * n + min(self.rank, extra)
+        return items[lo:lo + n + (self.rank < extra)]
+
+    def weight(self, n: float) -> float:
+        """This rank's weight in a launch-wide mean, n * world_size / sum_r n_r: a rank's mean loss
+        over its n items times it, averaged over ranks by sync_gradients, is the mean over all items."""
+        if self.world_size == 1:
+            return 1.0
+        return n * self.world_size / max(self.sum(n), 1e-12)
+
+    def sync_gradients(self, params, ok: bool = True) -> bool:
+        """Average the gradients of `params` over ranks, as DDP does after backward. Every rank
+        calls it once per optimiser step; if any rank's loss was not finite, all skip (False)."""
+        if self.world_size == 1:
+            return ok
+        flag = torch.tensor([0.0 if ok else 1.0], device=self.device)
+        dist.all_reduce(flag)
+        if flag.item() > 0:
+            return False
+        params = [q for q in params if q.requires_grad]
+        for q in params:
+            if q.grad is None:  # a parameter this rank's batch did not reach still joins the sum
+                q.grad = torch.zeros_like(q)
+        flat = torch.cat([q.grad.reshape(-1).float() for q in params])  # one collective, not one per tensor
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for q in params:
+            q.grad.copy_(flat[offset:offset + q.numel()].view_as(q.grad))
+            offset += q.numel()
+        return True
+
+    def gather(self, items: list) -> list:
+        """Every rank's `items` concatenated in rank order, on every rank."""
+        if self.world_size == 1:
+            return items
+        parts = [None] * self.world_size
+        dist.all_gather_object(parts, items)
+        return [x for part in parts for x in part]
+
+    def sum(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item()
+
+    def mean_metrics(self, metrics: dict) -> dict:
+        """Numbers averaged over the ranks that logged them (ranks roll out equal shares, so a
+        mean of means is the batch's mean); events from any rank are kept."""
+        if self.world_size == 1:
+            return metrics
+        parts = [None] * self.world_size
+        dist.all_gather_object(parts, metrics)
+        out = {}
+        for part in parts:
+            for k, v in part.items():
+                if isinstance(v, str):
+                    out.setdefault(k, v)
+                elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                    out.setdefault(k, []).append(float(v))
+                else:
+                    out.setdefault(k, v)
+        return {k: (sum(v) / len(v) if isinstance(v, list) else v) for k, v in out.items()}
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
 
 def resolve_device(name: str) -> torch.device:
+    """cpu, or this process's GPU (LOCAL_RANK's, under a launcher)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("runtime.device: cuda was asked for, but torch sees no CUDA device (runtime.device=cpu or auto)")
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device(name)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launch, or the only process."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world_size) from the launcher's environment; joins its process group once."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        # a rank that dies makes the launcher stop the others; the timeout bounds a wait on a hung one
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
+    if rank != 0 and sys.stdout is sys.__stdout__:
+        sys.stdout = open(os.devnull, "w")  # rank 0 alone prints; every rank's errors still reach stderr
+        os.environ["STEPRL_NO_PROGRESS"] = "1"
+    return rank, world
 
 
 def matmul_gflops(dtype: torch.dtype, device: torch.device, n: int = 1024, reps: int = 5) -> float:
@@ -106,5 +225,8 @@ def setup_runtime(cfg: RunConfig) -> Runtime:
     device = resolve_device(r.device)
     if device.type == "cpu":
         keep_freed_memory()  # training passes reuse freed activations instead of page-faulting fresh ones
-    return Runtime(device, resolve_precision(r.precision, device), cfg.seed,
-                   int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)))
+    rank, world = init_distributed(device)
+    precision = [resolve_precision(r.precision, device) if rank == 0 else None]
+    if world > 1:  # rank 0's measurement decides for all: ranks that disagreed would not be data parallel
+        dist.broadcast_object_list(precision, src=0)
+    return Runtime(device, precision[0], cfg.seed, rank, world)

@@ -77,8 +77,10 @@ def test_cold_start_keeps_only_trajectories_the_calculator_agrees_with():
             if tool_msg["role"] == "tool":
                 expression = parse_tool_calls(call_msg["content"])[0].arguments["expression"]
                 assert tool_msg["content"] == calculator(expression) and not tool_msg["content"].startswith("Error")
-    assert task.dropped > 0  # real annotations that the calculator reads differently exist, and are counted
     assert 400 + task.dropped < 520
+    dropped = task.dropped  # an annotation the calculator disagrees with drops its trajectory, counted
+    wrong = task._problem("wrong", {"question": "2 + 2?", "answer": "2+2 = <<2+2=5>>5\n#### 5"})
+    assert task.solution_messages(wrong) is None and task.dropped == dropped + 1
 
 
 def test_single_turn_pbrft_variant_writes_the_chain_of_thought_without_annotations():

@@ -33,9 +33,10 @@ def test_a_missing_cuda_device_is_one_clear_line():
 
 
 def test_setup_runtime_seeds_threads_and_rank(monkeypatch):
+    """One process: rank 0 of 1 and no process group (tests/test_distributed.py launches two)."""
     cfg = load_config(None, ["seed=7", "runtime.threads=1", "runtime.device=cpu", "runtime.precision=fp32"])
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     threads = torch.get_num_threads()
     try:
         rt = runtime.setup_runtime(cfg)
@@ -44,7 +45,17 @@ def test_setup_runtime_seeds_threads_and_rank(monkeypatch):
         assert torch.equal(first, torch.rand(3)) and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
-    assert (rt.device.type, rt.precision, rt.rank, rt.world_size, rt.is_main) == ("cpu", "fp32", 1, 2, False)
+    assert (rt.device.type, rt.precision, rt.rank, rt.world_size, rt.is_main) == ("cpu", "fp32", 0, 1, True)
+    assert not torch.distributed.is_initialized()
+    assert rt.shard([1, 2, 3]) == [1, 2, 3] and rt.gather([4]) == [4] and rt.weight(5.0) == 1.0
+
+
+def test_shard_splits_contiguously_and_refuses_uneven_groups():
+    parts = [runtime.Runtime(torch.device("cpu"), "fp32", rank=r, world_size=3).shard(list(range(7)), even=False)
+             for r in range(3)]
+    assert parts == [[0, 1, 2], [3, 4], [5, 6]]
+    with pytest.raises(ValueError, match="prompts_per_step of 7 does not split evenly over 3 processes"):
+        runtime.Runtime(torch.device("cpu"), "fp32", rank=0, world_size=3).shard(list(range(7)), "prompts_per_step")
 
 
 def test_bf16_autocast_keeps_fp32_weights_and_the_loss_in_fp32():

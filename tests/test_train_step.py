@@ -342,3 +342,29 @@ def test_a_step_after_the_oom_ladder_reads_one_set_of_settings(tiny, monkeypatch
     per_turn = [t.turn_index.count(k) for t in trajs for k in range(t.n_turns)]
     assert max(per_turn) <= 16 < 32  # sampled with the live max_new_tokens
     assert seen["group_size"] == [2] and set(seen["max_len"]) == {16 * 2}
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_sft_loss_equals_the_full_vocabulary_loss_and_its_gradient(tiny, use_lora):
+    """SFT projects onto the vocabulary only where a label is; loss and gradients equal HF's
+    causal-LM loss over the full logits (right padding, masked prompts)."""
+    from steprl.models.loading import apply_lora
+    from steprl.recipes.sft import collate, sft_loss
+
+    model = copy.deepcopy(tiny[0]).train()
+    if use_lora:
+        model = apply_lora(model, LoraConfig(enabled=True, r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    rng, vocab = random.Random(0), model.config.vocab_size
+    examples = []
+    for n in (9, 17, 12):
+        ids = [rng.randrange(4, vocab) for _ in range(n)]
+        examples.append((ids, [0] * (n // 2) + [1] * (n - n // 2)))
+    ids, attn, labels = collate(examples, pad_id=0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ours = sft_loss(model, ids, attn, labels)
+    ours_grad = torch.autograd.grad(ours, params)
+    theirs = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+    theirs_grad = torch.autograd.grad(theirs, params)
+    assert abs(ours.item() - theirs.item()) < 1e-5
+    for a, b in zip(ours_grad, theirs_grad):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)

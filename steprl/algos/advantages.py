@@ -168,17 +168,19 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return num / torch.where(den > 0, den, torch.ones_like(den))
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, total=None) -> torch.Tensor:
     """Whiten x over the masked entries: (x - mu) / sqrt(var + 1e-8), mu and var masked.
 
     var is Bessel-corrected (sum(mask (x - mu)^2) / (n - 1), n = sum(mask)), 0 when n < 2.
     With shift_mean=False the mean is added back: (x - mu) / sqrt(var + 1e-8) + mu.
-    Only entries where mask is set are meaningful in the output.
+    Only entries where mask is set are meaningful in the output. `total` sums a scalar tensor
+    over the processes of a data-parallel launch, so that mu and var are the whole batch's.
     """
+    total = total or (lambda t: t)
     mask = mask.to(x.dtype)
-    mu = masked_mean(x, mask)
-    n = mask.sum()
-    sq = ((x - mu) ** 2 * mask).sum()
+    n = total(mask.sum())
+    mu = total((x * mask).sum()) / n.clamp(min=1)
+    sq = total(((x - mu) ** 2 * mask).sum())
     var = sq / (n - 1) if n >= 2 else torch.zeros_like(sq)
     out = (x - mu) * torch.rsqrt(var + 1e-8)
     return out if shift_mean else out + mu

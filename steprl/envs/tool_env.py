@@ -9,7 +9,8 @@ ends on an answer, on a turn with no tool call, or after `max_turns`. Rewards pe
     + tool_success       per tool call that ran without error, at most tool_success_cap in all (dense)
     + format_penalty     on the last turn when the episode ends with no parsable <answer>
 Malformed calls and tools that fail come back to the model as "Error: ..." tool messages: the
-episode goes on and the model can recover, as it would in deployment.
+episode goes on and the model can recover, as it would in deployment. So does a call still
+running after `tool_timeout_s` seconds: a hung tool costs that long, never the run.
 
 With no tools (single-turn PBRFT: a task with no tool_names and max_turns = 1) a tool call is
 never parsed or run: the turn is just text without an <answer>, scored like any other. The
@@ -20,7 +21,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-from steprl.config import RewardConfig
+from steprl.config import RewardConfig, RolloutConfig
 from steprl.tasks.base import Problem, Task
 from steprl.tools import execute_tool_call, parse_tool_calls
 
@@ -46,12 +47,13 @@ def with_system_suffix(messages: list[dict], suffix: str) -> list[dict]:
 
 class ToolEnv:
     def __init__(self, task: Task, tools: dict, reward: RewardConfig, max_turns: int,
-                 system_suffix: str = ""):
+                 system_suffix: str = "", tool_timeout_s: float = RolloutConfig.tool_timeout_s):
         max_turns = min(max_turns, task.max_turns) if task.max_turns else max_turns
         tools = tools if task.tool_names else {}  # a task with no tools gets none
         self.task, self.tools, self.reward_cfg, self.max_turns = task, tools, reward, max_turns
         self.system_suffix = system_suffix  # tool descriptions for models not trained on them
         self.stop_strings = task.stop_strings  # the texts that end an assistant turn
+        self.tool_timeout_s = tool_timeout_s
 
     def reset(self, problem: Problem) -> list[dict]:
         self.problem = problem
@@ -78,7 +80,7 @@ class ToolEnv:
             return StepResult([], reward + cfg.format_penalty, True, info)
         observation = []
         for call in calls:
-            result, ok = execute_tool_call(call, self.tools)
+            result, ok = execute_tool_call(call, self.tools, self.tool_timeout_s)
             self.n_calls += 1
             self.n_failures += not ok
             if ok and self.tool_reward_given < cfg.tool_success_cap:
@@ -91,7 +93,8 @@ class ToolEnv:
         return StepResult(observation, reward, False, {})
 
 
-def make_envs(task, tools, reward: RewardConfig, max_turns: int, n: int, system_suffix: str = ""):
+def make_envs(task, tools, reward: RewardConfig, max_turns: int, n: int, system_suffix: str = "",
+              tool_timeout_s: float = RolloutConfig.tool_timeout_s):
     """n environments; warns when max_turns is too few for the task's solved episodes (e.g. the
     one-call-per-operation calc variant needs ops + 1 turns), which no training can fix."""
     needed = task.turns_needed
@@ -99,4 +102,4 @@ def make_envs(task, tools, reward: RewardConfig, max_turns: int, n: int, system_
     if min(max_turns, cap) < needed:
         warnings.warn(f"max_turns={max_turns} but task '{task.name}' needs up to {needed} turns per "
                       f"solved episode: raise max_turns (grpo/ppo/eval) to {needed}", stacklevel=2)
-    return [ToolEnv(task, tools, reward, max_turns, system_suffix) for _ in range(n)]
+    return [ToolEnv(task, tools, reward, max_turns, system_suffix, tool_timeout_s) for _ in range(n)]

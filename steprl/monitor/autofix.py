@@ -56,6 +56,14 @@ class AutoFixer:
         """Remember the trainable weights of a healthy step, for rollback."""
         self.good, self.good_step = self._weights(), step
 
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps between steps: the weights a rollback would restore. (The KL
+        controller's value is the settings' kl_coef, saved with them.)"""
+        return {"good": self.good, "good_step": self.good_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.good, self.good_step = state["good"], state["good_step"]
+
     def begin_step(self, step: int) -> None:
         """Before a step: copy the weights its rollout samples from. A step's metrics (KL of the
         sampled tokens, reward) judge these weights, not the ones its update leaves, which only

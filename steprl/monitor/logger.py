@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 from tqdm import tqdm
@@ -34,9 +35,13 @@ def _to_float(v):
 
 class MetricsLogger:
     def __init__(self, stage_dir, stage: str, report_to=("tensorboard",),
-                 doctor_context: dict | None = None, live_doctor: bool = True):
+                 doctor_context: dict | None = None, live_doctor: bool = True, write: bool = True):
         self.dir = Path(stage_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        # write=False (every rank but 0): the same history and doctor, so that auto-fix decides alike
+        # on every rank, but no file, sink or print
+        self.write = write
+        if write:
+            self.dir.mkdir(parents=True, exist_ok=True)
         self.stage = stage
         self.path = self.dir / "metrics.jsonl"
         self.doctor_path = self.dir / "doctor.jsonl"
@@ -65,6 +70,12 @@ class MetricsLogger:
         """Resume from a checkpoint: drop logged entries with step >= `step` (the first step that
         will be re-run) from the history, metrics.jsonl, doctor.jsonl and TensorBoard."""
         self.history = [e for e in self.history if (e.get("step") or 0) < step]
+        if not self.write:
+            self._reported = {}
+            for f in read_jsonl(self.doctor_path):
+                if (f.get("step") or 0) < step:
+                    self._note(f.get("code"), f.get("severity"))
+            return
         self._rewrite(self.path, self.history)
         kept = [f for f in read_jsonl(self.doctor_path) if (f.get("step") or 0) < step]
         if self.doctor_path.exists():
@@ -78,7 +89,9 @@ class MetricsLogger:
         if self._fh is not None and path == self.path:
             self._fh.close()
             self._fh = None
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp = path.with_name(path.name + ".tmp")  # a reader (another rank, the report) never sees half a file
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, path)
 
     def log(self, metrics: dict, step: int) -> list[Finding]:
         entry = {"step": int(step)}
@@ -87,6 +100,9 @@ class MetricsLogger:
                 entry[k] = v
             elif k != "step" and (x := _to_float(v)) is not None:
                 entry[k] = x
+        if not self.write:
+            self.history.append(entry)
+            return self._doctor(entry) if self.live_doctor else []
         if self._fh is None:
             self._fh = open(self.path, "a", encoding="utf-8")
         self._fh.write(json.dumps(entry) + "\n")
@@ -106,7 +122,7 @@ class MetricsLogger:
         if not urgent and n > 200 and n % max(1, n // 100):
             return []
         new = [f for f in diagnose(self.history, self.context) if self._note(f.code, f.severity)]
-        if new:
+        if new and self.write:
             with open(self.doctor_path, "a", encoding="utf-8") as fh:
                 for f in new:
                     fh.write(json.dumps(f.to_dict()) + "\n")
@@ -117,6 +133,8 @@ class MetricsLogger:
 
     def record(self, finding: Finding) -> None:
         """Write and print a finding made outside the rules (e.g. an auto-fix action)."""
+        if not self.write:
+            return
         with open(self.doctor_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(finding.to_dict()) + "\n")
         tqdm.write(f"[doctor] {self.stage} {finding.severity.upper()} {finding.code} @ step {finding.step}: "

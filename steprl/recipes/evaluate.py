@@ -27,6 +27,11 @@ def evaluate(model, tokenizer, task: Task, split: str = "test", limit: int | Non
         envs = make_envs(task, tools, RewardConfig(), max_turns, len(chunk), suffix)
         trajs += run_episodes(sampler, tokenizer, envs, chunk, params, renderer)
     model.train(was_training)
+    return eval_metrics(task, trajs), trajs
+
+
+def eval_metrics(task: Task, trajs: list) -> dict:
+    """Strict and lenient accuracy, tool use and turns; by calculator steps where problems say."""
     n = len(trajs)
     metrics = {
         "accuracy": sum(t.correct for t in trajs) / max(n, 1),
@@ -42,4 +47,4 @@ def evaluate(model, tokenizer, task: Task, split: str = "test", limit: int | Non
         for t in trajs:
             buckets.setdefault(str(min(t.problem.meta["n_steps"], 3)).replace("3", "3+"), []).append(t.correct)
         metrics["accuracy_by_steps"] = {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(buckets.items())}
-    return metrics, trajs
+    return metrics

@@ -54,10 +54,10 @@ def run(cfg: RunConfig) -> dict:
     state = RLState(
         settings=g, policy=policy, runtime=rt,
         engine=make_engine(cfg.rollout.engine, policy.model, policy.tokenizer, rt.device.type, cfg.rollout.release_memory),
-        task=task, tools=tools, renderer=renderer, system_suffix=suffix,
+        task=task, tools=tools, renderer=renderer, system_suffix=suffix, tool_timeout_s=cfg.rollout.tool_timeout_s,
         problems=task.problems("train", max(g.steps * g.prompts_per_step, 1000), seed=cfg.seed),
         reward_fns=resolve_rewards(g.reward.functions, run_dir=cfg.run_dir),  # rules and/or {model: rm}
-        generator=torch.Generator().manual_seed(cfg.seed + start), rng=random.Random(cfg.seed + start))
+        generator=torch.Generator().manual_seed(rt.rank_seed(cfg.seed + start)), rng=random.Random(cfg.seed + start))
     desc = f"grpo ({'LoRA' if g.lora.enabled else 'full'}, {g.prompts_per_step}x{g.num_generations} episodes/step)"
     return train_rl(cfg, "grpo", state, grpo_step, desc, adapt_kl=g.kl_coef > 0)
 
@@ -79,7 +79,7 @@ def grpo_step(state: RLState) -> tuple[dict, list[Trajectory]]:
     # 3. advantages per token; the sampling log-probs are the old log-probs (no forward pass,
     #    whatever num_iterations); the reference pass only when the KL term counts
     width = max(len(t.ids) for t in trajs)
-    advantages = token_advantages(trajs, g, width, device)
+    advantages = token_advantages(trajs, g, width, device, state.runtime)
     old_logp = right_aligned([t.logps for t in trajs], width, device=device)
     mask = right_aligned([t.mask for t in trajs], width, device=device)
     ref_logp = None
@@ -90,15 +90,18 @@ def grpo_step(state: RLState) -> tuple[dict, list[Trajectory]]:
     # 4-5. clipped policy-gradient updates, micro-batches accumulated into minibatches
     model.train()
     stats: dict[str, list[float]] = {"loss": [], "kl": [], "entropy": [], "clip_ratio": [], "grad_norm": []}
-    skipped = 0
+    skipped, rt = 0, state.runtime
     for _ in range(g.num_iterations):
         order = list(range(len(trajs)))
         state.rng.shuffle(order)
-        for lo in range(0, len(order), g.minibatch_size):
+        for lo in range(0, len(order), state.minibatch_size):
+            mb_idx = order[lo:lo + state.minibatch_size]
             optimizer.zero_grad(set_to_none=True)
-            done = minibatch_backward(model, trajs, order[lo:lo + g.minibatch_size], mask, advantages,
-                                      old_logp, ref_logp, g, state.runtime.autocast)
-            if done is not None:  # every micro-batch was finite: clip and apply the accumulated gradient
+            mb_tokens = rt.sum(float(mask[mb_idx].sum())) / rt.world_size  # dapo's token mean is the launch's
+            done = minibatch_backward(model, trajs, mb_idx, mask, advantages, old_logp, ref_logp, g, rt.autocast,
+                                      mb_tokens)
+            # every micro-batch finite on every rank: average over ranks, clip and apply
+            if rt.sync_gradients(state.policy.params, done is not None):
                 total, micro_stats = done
                 for s in micro_stats:
                     for k, v in s.items():
@@ -125,20 +128,24 @@ def grpo_step(state: RLState) -> tuple[dict, list[Trajectory]]:
 
 # ---------------------------------------------------------------------------- the step's parts
 
-def token_advantages(trajs: list[Trajectory], g, width: int, device=None) -> torch.Tensor:
+def token_advantages(trajs: list[Trajectory], g, width: int, device=None, runtime=None) -> torch.Tensor:
     """Advantage of every completion token, [B, K] right-aligned (0 on observation tokens)."""
-    turn_rewards = [t.turn_rewards for t in trajs]
+    turn_rewards, mine = [t.turn_rewards for t in trajs], 0
+    if g.scale_rewards == "batch" and runtime is not None and runtime.world_size > 1:
+        # the batch's std is the whole launch's: every rank's rewards, then this rank's rows
+        turn_rewards, mine = runtime.gather(turn_rewards), runtime.rank * len(trajs)
     if g.credit == "trajectory":
         returns = torch.tensor(trajectory_returns(turn_rewards, g.gamma))
-        adv = group_advantages(returns, g.num_generations, g.scale_rewards).tolist()
+        adv = group_advantages(returns, g.num_generations, g.scale_rewards).tolist()[mine:]
         rows = [[a if m else 0.0 for m in t.mask] for a, t in zip(adv, trajs)]
     else:
-        per_turn = turn_level_group_advantages(turn_rewards, g.num_generations, g.gamma, g.scale_rewards)
+        per_turn = turn_level_group_advantages(turn_rewards, g.num_generations, g.gamma, g.scale_rewards)[mine:]
         rows = [[per_turn[i][k] if k >= 0 else 0.0 for k in t.turn_index] for i, t in enumerate(trajs)]
     return right_aligned(rows, width, device=device)
 
 
-def minibatch_backward(model, trajs, mb_idx, mask, advantages, old_logp, ref_logp, g, autocast=nullcontext):
+def minibatch_backward(model, trajs, mb_idx, mask, advantages, old_logp, ref_logp, g, autocast=nullcontext,
+                       mb_tokens: float | None = None):
     """Accumulate the gradient of one minibatch's loss, micro-batch by micro-batch.
 
     The micro-batches are cut from the minibatch sorted by length (`by_length`), not in its shuffled
@@ -157,7 +164,7 @@ def minibatch_backward(model, trajs, mb_idx, mask, advantages, old_logp, ref_log
         idx = order[lo:lo + micro]
         mb = [trajs[i] for i in idx]
         cols = slice(width - max(len(t.ids) for t in mb), width)
-        scale = accumulation_scale(g, mask[idx], mask[mb_idx])
+        scale = accumulation_scale(g, mask[idx], mask[mb_idx], mb_tokens)
         with autocast():
             loss, s = policy_loss(model, mb, cols, mask[idx], advantages[idx], old_logp[idx],
                                   None if ref_logp is None else ref_logp[idx], g, scale, beginning.of())

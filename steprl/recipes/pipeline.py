@@ -11,8 +11,8 @@ import resource
 import time
 
 from steprl.config import RunConfig, save_config
-from steprl.runtime import resolve_device, setup_runtime
-from steprl.training.common import done_info, stage_dir
+from steprl.runtime import Runtime, is_main_process, setup_runtime
+from steprl.training.common import done_info, mark_done, stage_dir, write_atomic
 
 
 def stage_runner(stage: str):
@@ -24,9 +24,11 @@ def stage_runner(stage: str):
     return runners[stage]
 
 
-def evaluate_stage(cfg: RunConfig, stage: str) -> dict:
+def evaluate_stage(cfg: RunConfig, stage: str, rt: Runtime) -> dict:
+    """Held-out accuracy of a stage's checkpoint; over a multi-process launch each rank plays its
+    share of the problems and rank 0 scores them all."""
     from steprl.models.loading import load_policy
-    from steprl.recipes.evaluate import evaluate
+    from steprl.recipes.evaluate import eval_metrics, evaluate
     from steprl.tasks import get_task
 
     out = stage_dir(cfg, stage)
@@ -36,26 +38,33 @@ def evaluate_stage(cfg: RunConfig, stage: str) -> dict:
     if stage == "rm":
         return {"accuracy": 0.0, "n": 0}
     model, tokenizer = load_policy(str(out / "checkpoint"))
-    model.to(resolve_device(cfg.runtime.device))
-    e = cfg.eval
-    metrics, trajs = evaluate(model, tokenizer, get_task(cfg.task.name, **cfg.task.args), e.split, e.limit,
-                              e.batch_size, e.max_new_tokens, e.max_turns, engine=cfg.rollout.engine)
-    cached.write_text(json.dumps(metrics))
+    model.to(rt.device)
+    e, task = cfg.eval, get_task(cfg.task.name, **cfg.task.args)
+    problems = rt.shard(task.problems(e.split, e.limit), even=False)
+    _, trajs = evaluate(model, tokenizer, task, e.split, e.limit, e.batch_size, e.max_new_tokens, e.max_turns,
+                        problems=problems, engine=cfg.rollout.engine)
+    metrics = eval_metrics(task, rt.gather(trajs))
+    if rt.is_main:
+        write_atomic(cached, json.dumps(metrics))  # read back on a rerun: never half a file
     return metrics
 
 
 def run_stage(cfg: RunConfig, stage: str) -> dict:
     """Run (or skip, if done) one stage, evaluate it if asked, and return its summary row."""
-    setup_runtime(cfg)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, cfg.run_dir / "config.yaml")
+    rt = setup_runtime(cfg)
+    if rt.is_main:  # rank 0 alone writes the run directory
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, cfg.run_dir / "config.yaml")
+    rt.barrier()  # every rank sees the same done.json files
     out = stage_dir(cfg, stage)
     info = done_info(out)
     if info is None:
         t0 = time.perf_counter()
         info = stage_runner(stage)(cfg)
         info["wall_seconds"] = time.perf_counter() - t0
-        (out / "done.json").write_text(json.dumps(info))
+        if rt.is_main:
+            mark_done(out, info)
+        rt.barrier()  # the next stage starts from this one's checkpoint on every rank
     else:
         print(f"{stage}: already done ({out}), skipping")
     # the process's peak so far (Linux reports KiB): a stage run alone in its process gets its own
@@ -63,7 +72,7 @@ def run_stage(cfg: RunConfig, stage: str) -> dict:
            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     if stage in cfg.eval_after:
         t0 = time.perf_counter()
-        row["eval"] = evaluate_stage(cfg, stage)
+        row["eval"] = evaluate_stage(cfg, stage, rt)
         row["eval_seconds"] = time.perf_counter() - t0
         what = "pairwise accuracy" if stage == "rm" else "held-out accuracy"
         unit = "pairs" if stage == "rm" else "problems"
@@ -77,8 +86,9 @@ def run(cfg: RunConfig) -> dict:
     summary = {"name": cfg.name, "stages": rows,
                "wall_seconds": sum(r["wall_seconds"] + r.get("eval_seconds", 0.0) for r in rows),
                "session_seconds": time.perf_counter() - t0}
-    (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print_table(summary)
+    if is_main_process():
+        (cfg.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print_table(summary)  # other ranks print nowhere
     return summary
 
 

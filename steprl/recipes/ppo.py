@@ -87,10 +87,10 @@ def run(cfg: RunConfig) -> dict:
     state = RLState(
         settings=p, policy=policy, runtime=rt,
         engine=make_engine(cfg.rollout.engine, policy.model, policy.tokenizer, rt.device.type, cfg.rollout.release_memory),
-        task=task, tools=tools, renderer=renderer, system_suffix=suffix,
+        task=task, tools=tools, renderer=renderer, system_suffix=suffix, tool_timeout_s=cfg.rollout.tool_timeout_s,
         problems=task.problems("train", max(p.steps * p.prompts_per_step, 1000), seed=cfg.seed),
         reward_fns=resolve_rewards(p.reward.functions, run_dir=cfg.run_dir),  # rules and/or a reward model
-        generator=torch.Generator().manual_seed(cfg.seed + start), rng=random.Random(cfg.seed),
+        generator=torch.Generator().manual_seed(rt.rank_seed(cfg.seed + start)), rng=random.Random(cfg.seed),
         extra={"use_ref": use_ref, "kl_ctl": kl_ctl})
     desc = (f"ppo ({'LoRA' if p.lora.enabled else 'full'}, {p.critic} critic, "
             f"{p.prompts_per_step * p.num_generations} episodes/step)")
@@ -130,8 +130,10 @@ def ppo_step(state: RLState) -> tuple[dict, list[Trajectory]]:
     k1 = (old_logp - ref_logp) * mask if ref_logp is not None else None
     advantages, returns = advantages_and_returns(trajs, old_values, p, k1 if p.kl_in_reward else None,
                                                  p.kl_coef)
-    if p.whiten_advantages:
-        advantages = masked_whiten(advantages, mask) * mask
+    rt = state.runtime
+    if p.whiten_advantages:  # over the whole launch's batch
+        total = (lambda t: t.new_tensor(rt.sum(float(t)))) if rt.world_size > 1 else None
+        advantages = masked_whiten(advantages, mask, total=total) * mask
 
     # 5-6. clipped policy and value updates, micro-batches accumulated into minibatches
     model.train()
@@ -141,10 +143,12 @@ def ppo_step(state: RLState) -> tuple[dict, list[Trajectory]]:
     for _ in range(p.num_iterations):
         order = list(range(len(trajs)))
         state.rng.shuffle(order)
-        for lo in range(0, len(order), p.minibatch_size):
-            mb_idx = order[lo:lo + p.minibatch_size]
+        for lo in range(0, len(order), state.minibatch_size):
+            mb_idx = order[lo:lo + state.minibatch_size]
             optimizer.zero_grad(set_to_none=True)
             totals = {"loss": 0.0, "policy_loss": 0.0, "value_loss": 0.0}
+            mb_tokens = max(rt.sum(float(mask[mb_idx].sum())) / rt.world_size, 1.0)  # token means are the launch's
+            finite = True
             for mlo in range(0, len(mb_idx), micro):
                 idx = mb_idx[mlo:mlo + micro]
                 mb = [trajs[i] for i in idx]
@@ -160,19 +164,21 @@ def ppo_step(state: RLState) -> tuple[dict, list[Trajectory]]:
                     per_token = per_token + p.kl_coef * kl_penalty(logp, ref_logp[idx, cols], p.kl_estimator)
                 # each part weighted by its share of the minibatch, so the accumulated gradient is the minibatch's
                 policy_loss = aggregate_loss(per_token, m, p.loss_type, max_len=p.max_new_tokens * p.max_turns)
-                policy_loss = policy_loss * accumulation_scale(p, mask[idx], mask[mb_idx])
+                policy_loss = policy_loss * accumulation_scale(p, mask[idx], mask[mb_idx], mb_tokens)
                 value_loss = masked_mean(clipped_value_loss(values, old_values[idx, cols], returns[idx, cols],
                                                             p.value_clip), m)
-                value_loss = value_loss * float(mask[idx].sum() / mask[mb_idx].sum().clamp(min=1))
+                value_loss = value_loss * float(mask[idx].sum()) / mb_tokens
                 loss = policy_loss + p.vf_coef * value_loss
                 if not torch.isfinite(loss):
+                    finite = False
                     break
                 loss.backward()
                 for key, value in (("loss", loss), ("policy_loss", policy_loss), ("value_loss", value_loss)):
                     totals[key] += float(value.detach())
                 stats["entropy"].append(float(masked_mean(entropy, m)))
                 stats["clip_ratio"].append(float(masked_mean(clipped_tokens(logp, old, a, p).float(), m)))
-            else:  # every micro-batch was finite: clip (policy and critic apart) and apply
+            # every micro-batch finite on every rank: average over ranks, clip (policy and critic apart), apply
+            if rt.sync_gradients(list({id(q): q for q in policy_params + value_params}.values()), finite):
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy_params, p.max_grad_norm)
                 value_norm = torch.nn.utils.clip_grad_norm_(value_params, p.max_grad_norm)
                 if torch.isfinite(grad_norm) and torch.isfinite(value_norm):
@@ -201,8 +207,8 @@ def ppo_step(state: RLState) -> tuple[dict, list[Trajectory]]:
     # 7. the KL controller (auto-fix steers kl_coef itself when it is on)
     metrics["kl_coef"] = p.kl_coef
     kl_ctl = state.extra.get("kl_ctl")
-    if kl_ctl is not None:
-        kl_ctl.update(kl, len(trajs))
+    if kl_ctl is not None:  # from the launch's KL, so that every rank's coefficient moves alike
+        kl_ctl.update(rt.sum(kl) / rt.world_size, len(trajs) * rt.world_size)
         p.kl_coef = kl_ctl.value
     return metrics, trajs
 

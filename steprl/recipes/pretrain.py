@@ -16,8 +16,8 @@ from steprl.config import RunConfig
 from steprl.models.loading import load_policy, save_checkpoint
 from steprl.models.tiny import render_chatml, tiny_llama, train_tokenizer
 from steprl.monitor import MetricsLogger
-from steprl.training.common import (Timer, cosine_lr, wsd_lr, load_state, mark_done, progress_bar, save_state,
-                                   set_lr, stage_dir)
+from steprl.training.common import (Timer, cosine_lr, finish, wsd_lr, load_state, progress_bar, restore_streams,
+                                   save_resumable, set_lr, stage_dir)
 from steprl.runtime import setup_runtime
 from steprl.tasks import get_task
 
@@ -65,7 +65,7 @@ def run(cfg: RunConfig) -> dict:
     ckpt = out / "checkpoint"
     task = get_task(cfg.task.name, **cfg.task.args)
     docs = task.pretrain_corpus(p.n_docs, seed=cfg.seed)
-    state = load_state(ckpt) if ckpt.is_dir() else None
+    state = load_state(ckpt)
     model, tokenizer = load_policy(str(ckpt)) if state else build_model(cfg, task, docs)
     sep = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     sep = sep if isinstance(sep, int) and sep != tokenizer.unk_token_id else tokenizer.eos_token_id
@@ -87,47 +87,56 @@ def run(cfg: RunConfig) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
     logger = MetricsLogger(out, "pretrain", report_to=cfg.report_to, live_doctor=cfg.doctor.enabled,
-                           doctor_context={"learning_rate": p.learning_rate})
-    if start:
-        logger.truncate_after(start + 1)
+                           doctor_context={"learning_rate": p.learning_rate}, write=rt.is_main)
+    logger.truncate_after(start + 1)  # a fresh start drops what a killed run logged
     forward = compiled(model) if p.compile else model
     n_params = sum(q.numel() for q in model.parameters())
     bar = progress_bar(p.steps, f"pretrain ({n_params / 1e6:.2f}M params)", initial=start)
-    timer, gen = Timer(), torch.Generator().manual_seed(cfg.seed + start)
+    timer, gen = Timer(), torch.Generator().manual_seed(cfg.seed)
+    if state:  # last: nothing the setup drew shifts the streams
+        restore_streams(state, rt.rank, rt.world_size, gen)
+
+    def save(step: int) -> None:
+        save_resumable(ckpt, rt, step, optimizer, lambda d: save_checkpoint(model, tokenizer, d), gen)
+
     for step in range(start, p.steps):
         if p.schedule == "wsd":
             lr = p.learning_rate * wsd_lr(step, p.steps, p.warmup_steps, p.decay_fraction, p.min_lr_ratio)
         else:
             lr = p.learning_rate * cosine_lr(step, p.steps, p.warmup_steps, p.min_lr_ratio)
         set_lr(optimizer, lr)
-        batch = train_blocks[torch.randint(0, len(train_blocks), (p.batch_size,), generator=gen)]
+        # every rank draws the same global batch and trains on its share (full blocks: equal token counts)
+        pick = torch.randint(0, len(train_blocks), (p.batch_size,), generator=gen)
+        batch = train_blocks[rt.shard(pick, "pretrain.batch_size")]
         with rt.autocast():  # HF's loss upcasts the logits to fp32
             loss = forward(input_ids=batch, labels=batch).loss
-        if not torch.isfinite(loss):
+        optimizer.zero_grad(set_to_none=True)
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            loss.backward()
+        if not rt.sync_gradients(model.parameters(), finite):
             logger.log({"loss": float("nan"), "event": "nan_skip"}, step + 1)
             optimizer.zero_grad(set_to_none=True)
             continue
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), p.max_grad_norm)
         optimizer.step()
         bar.update(1)
         metrics = {}
         if (step + 1) % p.log_every == 0 or step + 1 == p.steps:
             metrics = {"loss": loss.item(), "learning_rate": lr, "grad_norm": grad_norm.item(),
-                       "tokens_per_second": (step + 1 - start) * batch.numel() / timer.seconds}
+                       "tokens_per_second": (step + 1 - start) * batch.numel() * rt.world_size / timer.seconds}
         if (step + 1) % p.eval_every == 0 or step + 1 == p.steps:
             metrics["eval/loss"] = eval_loss(model, eval_blocks, p.batch_size)
         if metrics:
+            metrics = rt.mean_metrics(metrics)
             logger.log(metrics, step + 1)
             bar.set_postfix(loss=f"{metrics.get('loss', loss.item()):.3f}")
         if (step + 1) % p.save_every == 0 and step + 1 < p.steps:
-            save_checkpoint(model, tokenizer, ckpt)
-            save_state(ckpt, step + 1, optimizer)
+            save(step + 1)
     bar.close()
     logger.close()
-    save_checkpoint(model, tokenizer, ckpt)
-    (ckpt / "trainer_state.pt").unlink(missing_ok=True)
     info = {"checkpoint": str(ckpt), "params": n_params, "steps": p.steps}
-    mark_done(out, info)
+    save(p.steps)  # its trainer state goes once done.json is written
+    if rt.is_main:
+        finish(out, ckpt, info)
     return info

@@ -43,8 +43,9 @@ from steprl.rewards.reward_model import INFO_FILE, as_messages, score_fn
 from steprl.rollout.chat import tool_setup
 from steprl.runtime import setup_runtime
 from steprl.tasks import get_task
-from steprl.training.common import (Timer, cosine_lr, mark_done, previous_checkpoint, progress_bar, set_lr,
-                                    stage_dir)
+from steprl.training.common import (Timer, cosine_lr, finish, load_state, previous_checkpoint, progress_bar,
+                                    restore_streams, save_resumable, set_lr, stage_dir, trainable_weights,
+                                    write_atomic)
 
 
 # ----------------------------------------------------------------------------- preference data
@@ -203,29 +204,52 @@ def run(cfg: RunConfig) -> dict:
     optimizer = torch.optim.AdamW(params, lr=c.learning_rate, weight_decay=c.weight_decay)
     steps_per_epoch = (len(train) + c.batch_size - 1) // c.batch_size
     total = steps_per_epoch * c.epochs
+    # a periodic checkpoint holds the trained parameters in its trainer state only; the final one
+    # is the reward model in Hugging Face format (write_final)
+    ckpt, start = out / "checkpoint", 0
+    state = load_state(ckpt)
+    if state:  # an interrupted run: its weights, optimiser and step
+        model.load_state_dict(state["extra"]["weights"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
     logger = MetricsLogger(out, "rm", report_to=cfg.report_to, live_doctor=cfg.doctor.enabled,
-                           doctor_context={"learning_rate": c.learning_rate})
+                           doctor_context={"learning_rate": c.learning_rate}, write=rt.is_main)
+    logger.truncate_after(start + 1)  # a fresh start drops what a killed run logged
     bar = progress_bar(total, f"rm ({c.type}, {'LoRA r=%d' % c.lora.r if c.lora.enabled else 'full'}, "
-                              f"{len(train)} pairs, {len(test)} held out)")
-    timer, rng, step = Timer(), random.Random(cfg.seed), 0
+                              f"{len(train)} pairs, {len(test)} held out)", initial=start)
+
+    def save(step: int, write_model=lambda directory: None) -> None:
+        save_resumable(ckpt, rt, step, optimizer, write_model, extra={"weights": trainable_weights(model)})
+
+    timer, rng, step = Timer(), random.Random(cfg.seed), start
+    if state:  # last: nothing the setup drew shifts the streams
+        restore_streams(state, rt.rank, rt.world_size)
     for epoch in range(c.epochs):
         order = list(range(len(train)))
-        rng.shuffle(order)
+        rng.shuffle(order)  # every epoch's, also on resume: the same orders as an uninterrupted run
         for b in range(steps_per_epoch):
+            if epoch * steps_per_epoch + b < start:
+                continue
             lr = c.learning_rate * cosine_lr(step, total, c.warmup_steps)
             set_lr(optimizer, lr)
             batch = [train[i] for i in order[b * c.batch_size:(b + 1) * c.batch_size]]
+            mine = rt.shard(batch, even=False)  # this rank's share; a rank left without any weighs 0
+            share = rt.weight(len(mine))
+            batch = mine or batch[:1]
             with rt.autocast():
                 s = pair_scores(score, batch).float()
             r_w, r_l = s[: len(batch)], s[len(batch):]
             margin = torch.tensor([p["margin"] for p in batch], device=s.device) if c.use_margin else None
             loss = bradley_terry_loss(r_w, r_l, margin) + c.center_rewards_coefficient * ((r_w + r_l) ** 2).mean()
+            loss = loss * share  # the mean over the whole batch, whichever rank holds which pairs
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            if not torch.isfinite(loss):
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                loss.backward()
+            if not rt.sync_gradients(params, finite):
                 logger.log({"loss": float("nan"), "event": "nan_skip"}, step)
                 continue
-            loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
             optimizer.step()
             bar.update(1)
@@ -234,28 +258,34 @@ def run(cfg: RunConfig) -> dict:
                 metrics = {"loss": loss.item(), "accuracy": (r_w > r_l).float().mean().item(),
                            "reward_margin": (r_w - r_l).mean().item(), "reward_mean": s.mean().item(),
                            "learning_rate": lr, "grad_norm": float(grad_norm), "epoch": epoch + (b + 1) / steps_per_epoch,
-                           "step_time": timer.seconds / step}
+                           "step_time": timer.seconds / (step - start)}
             if b + 1 == steps_per_epoch and test:
                 ev = pairwise_eval(model, score, test, c.eval_batch_size)
                 metrics.update({"eval/accuracy": ev["accuracy"], "eval/loss": ev["loss"]})
             if metrics:
+                metrics = rt.mean_metrics(metrics)
                 logger.log(metrics, step)
                 bar.set_postfix(loss=f"{loss.item():.3f}", **({"eval_acc": f"{metrics['eval/accuracy']:.2f}"}
                                                              if "eval/accuracy" in metrics else {}))
+            if c.save_every and step % c.save_every == 0 and step < total:
+                save(step)
     bar.close()
     logger.close()
     ev = pairwise_eval(model, score, test, c.eval_batch_size) if test else {"accuracy": 0.0, "n": 0}
-    if c.lora.enabled:
-        model = model.merge_and_unload()
-    ckpt = out / "checkpoint"
-    model.config.steprl_rm_pooling = c.pooling  # RewardModelScorer pools the same way
-    model.save_pretrained(ckpt)
-    tokenizer.save_pretrained(ckpt)
-    if implicit:  # the scorer needs pi_ref too: the base, as it was before training
-        (reference if reference is not None else load_policy(base)[0]).save_pretrained(ckpt / "reference")
-    (ckpt / INFO_FILE).write_text(json.dumps({"task": cfg.task.name, "task_args": cfg.task.args,
-                                              "type": c.type, "beta": c.beta}))
-    (out / "eval.json").write_text(json.dumps({**ev, "metric": "pairwise_accuracy"}))
+
+    def write_final(directory):
+        final = model.merge_and_unload() if c.lora.enabled else model
+        final.config.steprl_rm_pooling = c.pooling  # RewardModelScorer pools the same way
+        final.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        if implicit:  # the scorer needs pi_ref too: the base, as it was before training
+            (reference if reference is not None else load_policy(base)[0]).save_pretrained(directory / "reference")
+        (directory / INFO_FILE).write_text(json.dumps({"task": cfg.task.name, "task_args": cfg.task.args,
+                                                       "type": c.type, "beta": c.beta}))
+
+    save(total, write_final)  # rank 0 writes; its trainer state goes once done.json is written
     info = {"checkpoint": str(ckpt), "base": base, "pairs": len(train), "steps": total, "eval": ev}
-    mark_done(out, info)
+    if rt.is_main:
+        write_atomic(out / "eval.json", json.dumps({**ev, "metric": "pairwise_accuracy"}))
+        finish(out, ckpt, info)
     return info

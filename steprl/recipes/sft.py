@@ -22,8 +22,9 @@ import torch
 from steprl.config import RunConfig
 from steprl.models.loading import apply_lora, load_policy, resolve, save_checkpoint
 from steprl.monitor import MetricsLogger
-from steprl.training.common import (Timer, cosine_lr, mark_done, previous_checkpoint, progress_bar, set_lr,
-                                   stage_dir)
+from steprl.training.common import (Timer, cosine_lr, finish, load_state, previous_checkpoint, progress_bar,
+                                   restore_streams, save_resumable, set_lr, stage_dir)
+from steprl.training.policy import load_weights
 from steprl.envs.tool_env import with_system_suffix
 from steprl.rollout.chat import tool_setup
 from steprl.runtime import setup_runtime
@@ -100,27 +101,47 @@ def run(cfg: RunConfig) -> dict:
     steps_per_epoch = (len(train_set) + s.batch_size - 1) // s.batch_size
     total = steps_per_epoch * s.epochs
     warmup = int(s.warmup_ratio * total) if s.warmup_ratio > 0 else s.warmup_steps
+    ckpt, start = out / "checkpoint", 0
+    state = load_state(ckpt)
+    if state:  # an interrupted run: its weights, optimiser and step
+        load_weights(model, ckpt)
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
     logger = MetricsLogger(out, "sft", report_to=cfg.report_to, live_doctor=cfg.doctor.enabled,
-                           doctor_context={"learning_rate": s.learning_rate})
+                           doctor_context={"learning_rate": s.learning_rate}, write=rt.is_main)
+    logger.truncate_after(start + 1)  # a fresh start drops what a killed run logged
     bar = progress_bar(total, f"sft ({'LoRA r=%d' % s.lora.r if s.lora.enabled else 'full'}, "
-                              f"{len(train_set)} conversations)")
-    timer, rng, step = Timer(), random.Random(cfg.seed), 0
+                              f"{len(train_set)} conversations)", initial=start)
+
+    def save(step: int) -> None:
+        save_resumable(ckpt, rt, step, optimizer, lambda d: save_checkpoint(model, tokenizer, d, base_path=base))
+
+    timer, rng, step = Timer(), random.Random(cfg.seed), start
+    if state:  # last: nothing the setup drew shifts the streams
+        restore_streams(state, rt.rank, rt.world_size)
     for epoch in range(s.epochs):
         order = list(range(len(train_set)))
-        rng.shuffle(order)
+        rng.shuffle(order)  # every epoch's, also on resume: the same orders as an uninterrupted run
         for b in range(steps_per_epoch):
+            if epoch * steps_per_epoch + b < start:
+                continue
             lr = s.learning_rate * cosine_lr(step, total, warmup)
             set_lr(optimizer, lr)
             batch = [train_set[i] for i in order[b * s.batch_size:(b + 1) * s.batch_size]]
-            ids, attn, labels = (x.to(rt.device) for x in collate(batch, tokenizer.pad_token_id))
-            with rt.autocast():  # HF's loss upcasts the logits to fp32
-                loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+            mine = rt.shard(batch, even=False)  # this rank's share; a rank left without any weighs 0
+            ids, attn, labels = (x.to(rt.device) for x in collate(mine or batch[:1], tokenizer.pad_token_id))
+            with rt.autocast():  # sft_loss takes fp32 logits
+                loss = sft_loss(model, ids, attn, labels)
+            # the token mean over the whole batch, whichever rank holds which tokens
+            loss = loss * rt.weight(float((labels[:, 1:] != -100).sum()) if mine else 0.0)
             optimizer.zero_grad(set_to_none=True)
-            if not torch.isfinite(loss):
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                loss.backward()
+            if not rt.sync_gradients(params, finite):
                 logger.log({"loss": float("nan"), "event": "nan_skip"}, step + 1)
                 step += 1
                 continue
-            loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
             optimizer.step()
             step += 1
@@ -128,18 +149,36 @@ def run(cfg: RunConfig) -> dict:
             metrics = {}
             if step % s.log_every == 0 or step == total:
                 metrics = {"loss": loss.item(), "learning_rate": lr, "grad_norm": grad_norm.item(),
-                           "epoch": epoch + (b + 1) / steps_per_epoch, "step_time": timer.seconds / step}
+                           "epoch": epoch + (b + 1) / steps_per_epoch, "step_time": timer.seconds / (step - start)}
             if eval_set and (b + 1 == steps_per_epoch):
                 metrics["eval/loss"] = eval_loss(model, eval_set, tokenizer.pad_token_id, s.batch_size)
             if metrics:
+                metrics = rt.mean_metrics(metrics)
                 logger.log(metrics, step)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.set_postfix(loss=f"{metrics.get('loss', loss.item()):.3f}")
+            if s.save_every and step % s.save_every == 0 and step < total:
+                save(step)
     bar.close()
     logger.close()
-    save_checkpoint(model, tokenizer, out / "checkpoint", base_path=base)
-    info = {"checkpoint": str(out / "checkpoint"), "base": base, "examples": len(train_set), "steps": total}
-    mark_done(out, info)
+    info = {"checkpoint": str(ckpt), "base": base, "examples": len(train_set), "steps": total}
+    save(total)  # its trainer state goes once done.json is written
+    if rt.is_main:
+        finish(out, ckpt, info)
     return info
+
+
+def sft_loss(model, ids, attn, labels) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labelled (assistant) tokens, HF's causal-LM loss.
+
+    The vocabulary projection runs only where a label is: prompts, system messages and tool results
+    are most of a real conversation's tokens, and their [tokens x vocab] logits (49k wide for
+    SmolLM2) were most of a step's memory and a good part of its time. Logits are fp32 for the loss.
+    """
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
+    target = labels[:, 1:]
+    keep = target != -100
+    logits = model.get_output_embeddings()(hidden[keep]).float()
+    return torch.nn.functional.cross_entropy(logits, target[keep])
 
 
 @torch.no_grad()
@@ -150,7 +189,7 @@ def eval_loss(model, examples, pad_id: int, batch_size: int) -> float:
         device = next(model.parameters()).device
         ids, attn, labels = (x.to(device) for x in collate(examples[i:i + batch_size], pad_id))
         n = int((labels[:, 1:] != -100).sum())
-        total += model(input_ids=ids, attention_mask=attn, labels=labels).loss.item() * n
+        total += sft_loss(model, ids, attn, labels).item() * n
         count += n
     model.train()
     return total / max(count, 1)

@@ -14,7 +14,8 @@ from fractions import Fraction
 
 from steprl.tools import execute_tool_call, parse_tool_calls
 
-ANSWER_RE = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.DOTALL)
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+MAX_EXPONENT_DIGITS = 3  # "1e999" is a number; "1e999999999" is not an answer, and Fraction would build it
 
 
 @dataclass
@@ -26,9 +27,17 @@ class Problem:
 
 
 def extract_answer(text: str) -> str | None:
-    """The content of the last <answer>...</answer> in `text`, or None."""
-    found = ANSWER_RE.findall(text)
-    return found[-1].strip() if found else None
+    """The content of the last <answer>...</answer> in `text`, stripped, or None.
+
+    str.find rather than a regex: `<answer>\\s*(.*?)\\s*</answer>` backtracks cubically on an
+    "<answer>" followed by whitespace with no closing tag (minutes for 5,000 spaces)."""
+    found, pos = None, 0
+    while (start := text.find(ANSWER_OPEN, pos)) != -1:
+        end = text.find(ANSWER_CLOSE, start + len(ANSWER_OPEN))
+        if end == -1:  # no closing tag after this one, so none after any later one either
+            break
+        found, pos = text[start + len(ANSWER_OPEN):end], end + len(ANSWER_CLOSE)
+    return None if found is None else found.strip()
 
 
 def to_number(text: str | None) -> Fraction | None:
@@ -36,6 +45,9 @@ def to_number(text: str | None) -> Fraction | None:
     if text is None:
         return None
     cleaned = text.strip().replace(",", "").replace("$", "").rstrip(".")
+    exponent = cleaned.lower().partition("e")[2]
+    if len(exponent.lstrip("+-").lstrip("0")) > MAX_EXPONENT_DIGITS:
+        return None
     try:
         return Fraction(cleaned)
     except (ValueError, ZeroDivisionError):

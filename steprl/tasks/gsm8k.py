@@ -32,14 +32,15 @@ import re
 from fractions import Fraction
 from pathlib import Path
 
-from steprl.tasks.base import Problem, Task
+from steprl.tasks.base import Problem, Task, extract_answer
 from steprl.tools.calculator import calculator
 from steprl.tools.parsing import format_tool_call
 
 DATA = Path(__file__).parent / "data" / "gsm8k" / "train.jsonl.gz"
 VALIDATION_SIZE = 500
 ANNOTATION = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
-NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+NUMBER = re.compile(r"-?\$?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:/\d+)?")  # ".5" is 0.5, not 5
+MINUS = "\u2212"  # the typographic minus sign, read as "-"
 TOOL_PROMPT = ("Solve the problem. Use the calculator for the arithmetic, then give the final answer "
                "as <answer>NUMBER</answer>.")
 DIRECT_PROMPT = "Solve the problem step by step, then give the final answer as <answer>NUMBER</answer>."
@@ -49,7 +50,7 @@ def to_number(text: str | None) -> Fraction | None:
     """'1,234', '$12.50', '-3', '45%', '7 apples', '5.0', '3/4' -> an exact Fraction; None otherwise."""
     if text is None:
         return None
-    found = NUMBER.search(text)
+    found = NUMBER.search(text.replace(MINUS, "-"))
     if found is None:
         return None
     cleaned = found.group().replace(",", "").replace("$", "")
@@ -66,11 +67,14 @@ def final_answer(solution: str) -> str:
 
 def lenient_answer(text: str) -> str | None:
     """The answer a lenient grader reads: <answer>, '#### N', 'the answer is N', the last number."""
-    for pattern in (r"<answer>\s*(.*?)\s*</answer>", r"####\s*([^\n]+)", r"[Tt]he (?:final )?answer is[:\s]*([^\n]+)"):
-        found = re.findall(pattern, text, re.DOTALL)
+    tagged = extract_answer(text)
+    if to_number(tagged) is not None:
+        return tagged
+    for pattern in (r"####\s*([^\n]+)", r"[Tt]he (?:final )?answer is[:\s]*([^\n]+)"):
+        found = re.findall(pattern, text)
         if found and to_number(found[-1]) is not None:
             return found[-1]
-    numbers = NUMBER.findall(text)
+    numbers = NUMBER.findall(text.replace(MINUS, "-"))
     return numbers[-1] if numbers else None
 
 
@@ -149,10 +153,6 @@ class Gsm8kTask(Task):
         if split == "train" and seed:  # another order of the same problems
             problems = sorted(problems, key=lambda p: hashlib.sha256(f"{seed}/{p.id}".encode()).hexdigest())
         return problems[:n] if n else list(problems)
-
-    def extract_answer(self, text: str) -> str | None:
-        found = re.findall(r"<answer>\s*(.*?)\s*</answer>", text, re.DOTALL)
-        return found[-1] if found else None
 
     def check(self, problem: Problem, completion: str) -> bool:
         return same_number(self.extract_answer(completion), problem.answer)

@@ -44,6 +44,8 @@ def _parse_body(body: str, raw: str) -> ToolCall:
         obj = json.loads(body)
     except json.JSONDecodeError as e:
         return ToolCall(None, {}, f"invalid JSON in tool call: {e.msg} at char {e.pos}", raw)
+    except (ValueError, RecursionError) as e:  # an integer over 4300 digits, [[[... nested too deep
+        return ToolCall(None, {}, f"invalid JSON in tool call: {_first_line(e)}", raw)
     if not isinstance(obj, dict):
         return ToolCall(None, {}, "tool call must be a JSON object with 'name' and 'arguments'", raw)
     name = obj.get("name")
@@ -55,6 +57,8 @@ def _parse_body(body: str, raw: str) -> ToolCall:
             args = json.loads(args) if args.strip() else {}
         except json.JSONDecodeError as e:
             return ToolCall(name, {}, f"invalid JSON in 'arguments' string: {e.msg}", raw)
+        except (ValueError, RecursionError) as e:
+            return ToolCall(name, {}, f"invalid JSON in 'arguments' string: {_first_line(e)}", raw)
     if args is None:
         args = {}
     if not isinstance(args, dict):
@@ -62,6 +66,14 @@ def _parse_body(body: str, raw: str) -> ToolCall:
     return ToolCall(name, args, None, raw)
 
 
+def _first_line(err: Exception) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0][:120]
+
+
 def format_tool_call(name: str, arguments: dict) -> str:
-    """The canonical text of one call, as used in SFT data and prompts."""
-    return f"{OPEN}\n{json.dumps({'name': name, 'arguments': arguments})}\n{CLOSE}"
+    """The canonical text of one call, as used in SFT data and prompts. A tag inside an argument
+    (code that prints "</tool_call>") is written with JSON's escape for "<", so the call still
+    parses back whole."""
+    body = json.dumps({"name": name, "arguments": arguments})
+    body = body.replace(OPEN, "\\u003c" + OPEN[1:]).replace(CLOSE, "\\u003c" + CLOSE[1:])
+    return f"{OPEN}\n{body}\n{CLOSE}"

@@ -8,7 +8,9 @@ writes, the environment has to reply with an observation rather than crash the r
 from __future__ import annotations
 
 import inspect
+import logging
 import re
+import threading
 import types
 import typing
 from typing import Any, Callable
@@ -17,6 +19,12 @@ from .parsing import ToolCall
 from .sandbox import ToolResult
 
 _SIMPLE = {str: "string", int: "integer", float: "number", bool: "boolean"}
+log = logging.getLogger("steprl.tools")
+_TIMED_OUT: set[str] = set()  # tools whose timeout was logged already
+
+
+class _Overran(Exception):
+    """A tool call still running at its timeout (not TimeoutError: a tool may raise that itself)."""
 
 
 def function_schema(fn: Callable) -> dict:
@@ -91,11 +99,12 @@ def _type_schema(hint: Any, where: str) -> dict:
     raise ValueError(f"{where}: unsupported type hint {hint!r} (use str, int, float, bool, list, dict)")
 
 
-def execute_tool_call(call: ToolCall, tools: dict[str, Callable]) -> tuple[str, bool]:
+def execute_tool_call(call: ToolCall, tools: dict[str, Callable], timeout_s: float = 0.0) -> tuple[str, bool]:
     """Run `call` with `tools`; (text for the model, success). Never raises.
 
-    Success is False for a malformed call, an unknown tool, bad arguments, an exception, a failed
-    `ToolResult`, or a tool answer starting with "Error:" (the calculator's way of failing).
+    Success is False for a malformed call, an unknown tool, bad arguments, an exception, a call
+    still running after `timeout_s` seconds (0 = no limit), a failed `ToolResult`, or a tool answer
+    starting with "Error:" (the calculator's way of failing).
     """
     if call.error:
         return f"Error: {call.error}", False
@@ -106,7 +115,13 @@ def execute_tool_call(call: ToolCall, tools: dict[str, Callable]) -> tuple[str, 
     if problem:
         return f"Error: bad arguments for {call.name}: {problem}", False
     try:
-        result = fn(**call.arguments)
+        result = _call_with_timeout(fn, call.arguments, timeout_s)
+    except _Overran:
+        if call.name not in _TIMED_OUT:
+            _TIMED_OUT.add(call.name)
+            log.warning("tool '%s' ran past %gs: its calls answer with a timeout error and the episode "
+                        "goes on (warned once)", call.name, timeout_s)
+        return f"Error: {call.name} timed out after {timeout_s:g}s", False
     except Exception as e:
         return f"Error: {call.name} raised {type(e).__name__}: {e}", False
     if isinstance(result, ToolResult):
@@ -116,6 +131,33 @@ def execute_tool_call(call: ToolCall, tools: dict[str, Callable]) -> tuple[str, 
         return (f"{text}\n{result.output}" if result.output else text), False
     text = str(result)
     return text, not text.startswith("Error:")
+
+
+def _call_with_timeout(fn: Callable, arguments: dict, timeout_s: float):
+    """fn(**arguments), or _Overran when it has not returned after timeout_s seconds.
+
+    A Python thread cannot be stopped, so a call that overruns is abandoned: it finishes (or not)
+    in a daemon thread and its result is dropped. The rollout waits timeout_s at most, instead of
+    forever on a tool that hangs. (run_python also kills its own process at its own timeout.)
+    """
+    if not timeout_s:
+        return fn(**arguments)
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["result"] = fn(**arguments)
+        except BaseException as e:  # handed to the caller, which treats it as if raised there
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True, name=f"tool-{getattr(fn, '__name__', 'call')}")
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise _Overran
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def _check_arguments(fn: Callable, arguments: dict) -> str | None:

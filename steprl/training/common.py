@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -69,32 +70,131 @@ def progress_bar(total: int, desc: str, initial: int = 0):
 
 
 # ------------------------------------------------------------------ resume and completion
+#
+# A stage's checkpoint directory is only ever replaced whole: commit_checkpoint writes the new one
+# into a temporary sibling and renames it into place, so a kill at any moment leaves either the
+# previous checkpoint or the new one, never a mix of the two. A periodic checkpoint carries
+# trainer_state.pt (step, optimiser, random streams); the final one keeps it until done.json is
+# written, so a kill in between resumes at the last step and only saves again.
 
 STATE_FILE = "trainer_state.pt"
 DONE_FILE = "done.json"
 
 
-def save_state(directory: Path, step: int, optimizer, extra: dict | None = None) -> None:
-    """Optimiser and RNG state beside the checkpoint, written atomically."""
-    state = {"step": step, "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-             "python_rng": random.getstate(), "extra": extra or {}}
-    tmp = directory / (STATE_FILE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, directory / STATE_FILE)
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file that a reader (or a rerun after a kill) sees whole or not at all."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def commit_checkpoint(directory: Path, write) -> None:
+    """`write(tmp)` fills a temporary sibling of `directory`, which then replaces it.
+
+    Two renames (the old one aside, the new one in): a kill between them leaves only the old one,
+    aside, and recover_checkpoint puts it back. Atomic against a killed process, not a power cut
+    (nothing is fsync'ed).
+    """
+    tmp, old = _siblings(directory)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if directory.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_checkpoint(directory: Path) -> None:
+    """Undo what a kill inside commit_checkpoint left: a half-written temporary directory is dropped,
+    the previous checkpoint put back if it was set aside and the new one not yet in place."""
+    tmp, old = _siblings(directory)
+    shutil.rmtree(tmp, ignore_errors=True)
+    if old.exists() and not directory.exists():
+        os.replace(old, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _siblings(directory: Path) -> tuple[Path, Path]:
+    return directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
+
+
+def random_streams(*own) -> dict:
+    """This process's random state: python's and torch's global generators (CUDA's too, once used)
+    and a stage's own (torch.Generator or random.Random), so that a resumed run draws what the
+    uninterrupted run would have drawn."""
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
+            "own": [g.get_state() if isinstance(g, torch.Generator) else g.getstate() for g in own]}
+
+
+def restore_streams(state: dict, rank: int, world_size: int, *own) -> None:
+    """Continue the streams a checkpoint saved for this rank (`state["streams"]`: one
+    random_streams per rank). Called right before the training loop, so that whatever the setup
+    drew does not shift them. A launch with another number of processes keeps its fresh seeds."""
+    streams = state.get("streams") or []
+    if len(streams) != world_size:
+        return
+    saved = streams[rank]
+    random.setstate(saved["python"])
+    torch.set_rng_state(saved["torch"])
+    if saved["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(saved["cuda"])
+    for g, s in zip(own, saved["own"]):
+        if isinstance(g, torch.Generator):
+            g.set_state(s)
+        else:
+            g.setstate(s)
+
+
+def save_state(directory: Path, step: int, optimizer, streams: list[dict], extra: dict | None = None) -> None:
+    """Step, optimiser and every rank's random streams (a list of random_streams, in rank order),
+    into a checkpoint directory being written (see commit_checkpoint)."""
+    state = {"step": step, "optimizer": optimizer.state_dict(), "streams": streams, "extra": extra or {}}
+    torch.save(state, directory / STATE_FILE)
+
+
+def save_resumable(ckpt: Path, rt, step: int, optimizer, write_model, *own, extra: dict | None = None) -> None:
+    """A checkpoint a stage resumes from: every rank's random streams (`own`: the stage's own
+    generators) gathered, then rank 0 commits `write_model(directory)` and the trainer state whole.
+    Every rank calls it."""
+    streams = rt.gather([random_streams(*own)])
+    if not rt.is_main:
+        return
+
+    def write(directory: Path) -> None:
+        write_model(directory)
+        save_state(directory, step, optimizer, streams, extra)
+
+    commit_checkpoint(ckpt, write)
 
 
 def load_state(directory: Path) -> dict | None:
+    """The trainer state of an interrupted stage, None when there is none (a fresh start). A kill
+    inside commit_checkpoint is undone first."""
+    recover_checkpoint(directory)
     path = directory / STATE_FILE
     if not path.is_file():
         return None
-    state = torch.load(path, weights_only=False)
-    torch.set_rng_state(state["torch_rng"])
-    random.setstate(state["python_rng"])
-    return state
+    return torch.load(path, weights_only=False)
+
+
+def trainable_weights(model) -> dict:
+    """The parameters that train, by name: what a resume needs when the base is rebuilt from its
+    own checkpoint (load back with model.load_state_dict(weights, strict=False))."""
+    return {n: q.detach().clone() for n, q in model.named_parameters() if q.requires_grad}
 
 
 def mark_done(directory: Path, info: dict) -> None:
-    (directory / DONE_FILE).write_text(json.dumps(info))
+    write_atomic(directory / DONE_FILE, json.dumps(info))
+
+
+def finish(directory: Path, ckpt: Path, info: dict) -> dict:
+    """A stage's last act: done.json, then the trainer state its final checkpoint kept until now."""
+    mark_done(directory, info)
+    (ckpt / STATE_FILE).unlink(missing_ok=True)
+    return info
 
 
 def done_info(directory: Path) -> dict | None:

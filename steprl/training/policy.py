@@ -63,7 +63,7 @@ def setup_policy(cfg: RunConfig, stage: str, lora: LoraConfig, learning_rate: fl
         model = apply_lora(model, lora)
     elif need_ref:
         ref_model = frozen_reference(model, base)  # views into the checkpoint file when it is plain
-    state = load_state(ckpt) if ckpt.is_dir() else None
+    state = load_state(ckpt)
     if state:
         load_weights(model, ckpt)
         if critic is not None:
@@ -79,7 +79,10 @@ def setup_policy(cfg: RunConfig, stage: str, lora: LoraConfig, learning_rate: fl
         groups.append({"params": list(critic.parameters()), "lr": value_lr or learning_rate})
     optimizer = adamw(groups, weight_decay=0.0)
     if state:
+        peaks = [group["lr"] for group in optimizer.param_groups]
         optimizer.load_state_dict(state["optimizer"])
+        for group, lr in zip(optimizer.param_groups, peaks):  # the saved lr was scheduled; train_rl scales the peak
+            group["lr"] = lr
     return Policy(model, tokenizer, ref_model, base, params, optimizer, state, critic)
 
 

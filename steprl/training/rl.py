@@ -17,14 +17,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from steprl.config import GRPOConfig, PPOConfig, RunConfig
+from steprl.config import ConfigError, GRPOConfig, PPOConfig, RolloutConfig, RunConfig
 from steprl.monitor import MetricsLogger
+from steprl.monitor.doctor import read_jsonl
 from steprl.monitor.autofix import SETTINGS, AutoFixer, doctor_context, handle_oom
 from steprl.envs.tool_env import make_envs
 from steprl.rollout.episodes import Trajectory, run_episodes
 from steprl.rollout.sampling import SamplingParams
 from steprl.runtime import Runtime
-from steprl.training.common import Timer, cosine_lr, mark_done, progress_bar, save_state, stage_dir
+from steprl.training.common import (Timer, cosine_lr, finish, progress_bar, restore_streams, save_resumable, stage_dir,
+                                    write_atomic)
 from steprl.training.policy import Policy
 
 
@@ -44,16 +46,24 @@ class RLState:
     rng: random.Random = field(default_factory=random.Random)
     step: int = 0
     extra: dict = field(default_factory=dict)  # what a recipe keeps across steps (PPO's KL controller)
+    tool_timeout_s: float = RolloutConfig.tool_timeout_s  # the run's rollout.tool_timeout_s
 
     @property
     def micro_batch_size(self) -> int:
         return self.settings.micro_batch_size or self.settings.minibatch_size
 
+    @property
+    def minibatch_size(self) -> int:
+        """Episodes per minibatch on this process: the configured size is the whole launch's."""
+        return self.settings.minibatch_size // self.runtime.world_size
+
     def next_prompts(self) -> list:
-        """This step's prompts_per_step problems, in order through the training split."""
+        """This step's prompts_per_step problems, in order through the training split; under a
+        multi-process launch, this rank's share of them (a prompt's G episodes stay on one rank)."""
         s, n = self.settings, len(self.problems)
         first = (self.step * s.prompts_per_step) % n
-        return [self.problems[(first + i) % n] for i in range(s.prompts_per_step)]
+        return self.runtime.shard([self.problems[(first + i) % n] for i in range(s.prompts_per_step)],
+                                  "prompts_per_step")
 
 
 def live_settings(stage_config):
@@ -66,7 +76,8 @@ def rollout(state: RLState, prompts: list) -> list[Trajectory]:
     token keeps its log-prob (the "old" log-prob of the update)."""
     s = state.settings
     episodes = [p for p in prompts for _ in range(s.num_generations)]
-    envs = make_envs(state.task, state.tools, s.reward, s.max_turns, len(episodes), state.system_suffix)
+    envs = make_envs(state.task, state.tools, s.reward, s.max_turns, len(episodes), state.system_suffix,
+                     state.tool_timeout_s)
     params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
     state.policy.model.eval()
     trajs = run_episodes(state.engine, state.policy.tokenizer, envs, episodes, params, state.renderer,
@@ -104,10 +115,12 @@ def clipped_tokens(logp, old_logp, advantages, s) -> torch.Tensor:
     return ((ratio < 1 - s.epsilon) & (advantages < 0)) | ((ratio > 1 + eps_high) & (advantages > 0))
 
 
-def accumulation_scale(s, micro_mask: torch.Tensor, mb_mask: torch.Tensor) -> float:
-    """Weight of a micro-batch in its minibatch, so that accumulated gradients equal one big batch."""
+def accumulation_scale(s, micro_mask: torch.Tensor, mb_mask: torch.Tensor, mb_tokens: float | None = None) -> float:
+    """Weight of a micro-batch in its minibatch, so that accumulated gradients equal one big batch.
+    `mb_tokens`: the minibatch's tokens per rank over a multi-process launch (default: this rank's)."""
     if s.loss_type == "dapo":  # token mean over the whole minibatch
-        return float(micro_mask.sum() / mb_mask.sum().clamp(min=1))
+        tokens = float(mb_mask.sum()) if mb_tokens is None else mb_tokens
+        return float(micro_mask.sum()) / max(tokens, 1.0)
     return micro_mask.shape[0] / mb_mask.shape[0]  # per-sequence means
 
 
@@ -142,7 +155,10 @@ def train_rl(cfg: RunConfig, stage: str, state: RLState, rl_step, desc: str, ada
     doctor on the logged metrics, auto-fix's actions (`adapt_kl`: it steers kl_coef), an
     out-of-memory step retried with smaller settings, samples, checkpoints with the live settings.
     """
-    s, policy = state.settings, state.policy
+    s, policy, rt = state.settings, state.policy, state.runtime
+    for name in ("prompts_per_step", "minibatch_size"):
+        if getattr(s, name) % rt.world_size:
+            raise ConfigError(f"{stage}.{name}: {getattr(s, name)} does not split evenly over {rt.world_size} processes")
     out = stage_dir(cfg, stage)
     ckpt = out / "checkpoint"
     configured = getattr(cfg, stage)  # the settings as written: the schedule's reference
@@ -157,12 +173,19 @@ def train_rl(cfg: RunConfig, stage: str, state: RLState, rl_step, desc: str, ada
         fixer = AutoFixer(models, s, **({"kl_target": s.target_kl, "kl_horizon": s.kl_horizon}
                                           if getattr(s, "adaptive_kl", False) else {}))
         fixer.snapshot(state.step)  # the starting weights are the first known-good state to roll back to
+        if policy.state and policy.state["extra"].get("autofix"):
+            fixer.load_state_dict(policy.state["extra"]["autofix"])  # the last healthy weights before the checkpoint
     logger = MetricsLogger(out, stage, report_to=cfg.report_to, doctor_context=doctor_context(s),
-                           live_doctor=cfg.doctor.enabled)
-    if state.step:
-        logger.truncate_after(state.step + 1)  # the first step to re-run is logged as step + 1
+                           live_doctor=cfg.doctor.enabled, write=rt.is_main)
+    # the first step to re-run is logged as step + 1; a fresh start drops what a killed run logged
+    logger.truncate_after(state.step + 1)
     bar = progress_bar(s.steps, desc, initial=state.step)
-    samples_file = open(out / "samples.jsonl", "a")
+    samples_file = None
+    if rt.is_main:
+        keep_samples_until(out / "samples.jsonl", state.step)
+        samples_file = open(out / "samples.jsonl", "a")
+    if policy.state:  # last: nothing the setup drew shifts the streams
+        restore_streams(policy.state, rt.rank, rt.world_size, state.generator, state.rng)
     while state.step < s.steps:
         timer = Timer()
         mult = cosine_lr(state.step, s.steps, s.warmup_steps, min_ratio=1.0) * s.learning_rate / configured.learning_rate
@@ -178,9 +201,12 @@ def train_rl(cfg: RunConfig, stage: str, state: RLState, rl_step, desc: str, ada
         try:
             metrics, trajs = rl_step(state)
         except (torch.OutOfMemoryError, MemoryError) as err:
+            if rt.world_size > 1:
+                raise  # the other ranks are inside the step's collectives: retrying alone would hang them
             handle_oom(fixer, logger, policy.optimizer, state.step + 1, err, f"lower {stage}.micro_batch_size")
             continue  # nothing was applied: retry the step with the smaller settings
         state.engine.sync_weights()
+        metrics = rt.mean_metrics(metrics)  # every rank logs the launch's numbers, so the doctor decides alike
         metrics.setdefault("kl_coef", s.kl_coef)  # the coefficient the step used (PPO's controller moves it after)
         metrics.update({"learning_rate": policy.optimizer.param_groups[0]["lr"], "step_time": timer.seconds})
         logger.context.update(doctor_context(s))  # advice starts from the settings in force now
@@ -188,22 +214,37 @@ def train_rl(cfg: RunConfig, stage: str, state: RLState, rl_step, desc: str, ada
         if fixer is not None:
             for action in fixer.after_step(findings, metrics, state.step + 1, policy.optimizer, len(trajs), adapt_kl):
                 logger.record(action)
-        log_samples(samples_file, policy.tokenizer, trajs, state.rng, s.n_samples_logged, state.step + 1)
+        if samples_file is not None:
+            log_samples(samples_file, policy.tokenizer, trajs, state.rng, s.n_samples_logged, state.step + 1)
         bar.update(1)
         bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("reward", "accuracy", "kl", "explained_variance")
                          if k in metrics})
         state.step += 1
         if s.save_every and state.step % s.save_every == 0 and state.step < s.steps:
-            policy.save(ckpt)
-            save_state(ckpt, state.step, policy.optimizer,
-                       {"settings": {k: getattr(s, k) for k in SETTINGS if hasattr(s, k)}})
+            save_rl_checkpoint(ckpt, state, fixer)
     bar.close()
-    samples_file.close()
     logger.close()
-    policy.save(ckpt)
-    (ckpt / "trainer_state.pt").unlink(missing_ok=True)
     info = {"checkpoint": str(ckpt), "base": policy.base, "steps": s.steps}
-    mark_done(out, info)
+    save_rl_checkpoint(ckpt, state, fixer)  # its trainer state goes once done.json is written
+    if rt.is_main:
+        samples_file.close()
+        finish(out, ckpt, info)
+    rt.barrier()  # the next stage loads this checkpoint on every rank
     return info
 
 
+def save_rl_checkpoint(ckpt, state: RLState, fixer: AutoFixer | None) -> None:
+    """The policy (and value model), optimiser, live settings, auto-fix's last healthy weights and
+    every rank's random streams, as one checkpoint."""
+    s = state.settings
+    extra = {"settings": {k: getattr(s, k) for k in SETTINGS if hasattr(s, k)},
+             "autofix": fixer.state_dict() if fixer is not None else None}
+    save_resumable(ckpt, state.runtime, state.step, state.policy.optimizer, state.policy.save,
+                   state.generator, state.rng, extra=extra)
+
+
+def keep_samples_until(path, step: int) -> None:
+    """Resume: samples.jsonl keeps the steps up to `step`; the later ones are re-run."""
+    if path.is_file():
+        rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))

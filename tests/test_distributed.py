@@ -1,0 +1,167 @@
+"""Data parallel over processes (gloo on the CPU): a step on two ranks equals a step on one process
+over the concatenated batch, rank 0 alone writes, and a killed two-process launch resumes."""
+import json
+import os
+import pickle
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from steprl.rollout.episodes import Trajectory
+from steprl.tasks.base import Problem
+from steprl.training.passes import completion_logprobs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# One GRPO update on fixed trajectories (no sampling, so both launches see the same batch),
+# plain SGD and no clipping so that the parameters move by exactly lr x the averaged gradient.
+GRPO_WORKER = r'''
+import copy, pickle, random, sys, torch
+import steprl.recipes.grpo as grpo
+from steprl.config import LoraConfig, RunConfig, TaskConfig
+from steprl.models.loading import load_policy
+from steprl.runtime import setup_runtime
+from steprl.training.policy import Policy
+from steprl.training.rl import RLState
+
+model_dir, trajs_file, out_file = sys.argv[1:4]
+trajs = pickle.load(open(trajs_file, "rb"))
+results = {}
+for loss_type, scale in [("grpo", "group"), ("dapo", "batch")]:
+    cfg = RunConfig(task=TaskConfig(name="calc"))
+    cfg.runtime.device = "cpu"
+    rt = setup_runtime(cfg)
+    model, tok = load_policy(model_dir)
+    g = cfg.grpo
+    g.prompts_per_step, g.num_generations, g.minibatch_size, g.micro_batch_size = 4, 3, 12, 2
+    g.num_iterations, g.kl_coef, g.loss_type, g.scale_rewards, g.max_grad_norm = 1, 0.04, loss_type, scale, 1e9
+    g.lora = LoraConfig(enabled=False)
+    grpo.rollout = lambda state, prompts: rt.shard(copy.deepcopy(trajs), "episodes")
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    policy = Policy(model, tok, ref, "", params, torch.optim.SGD(params, lr=0.5), None)
+    state = RLState(g, policy, rt, None, None, {}, None, "", [trajs[0].problem] * 4,
+                    generator=torch.Generator().manual_seed(0), rng=random.Random(rt.rank))
+    metrics, _ = grpo.grpo_step(state)
+    results[loss_type] = {n: p.detach().clone() for n, p in model.named_parameters()}
+torch.save(results, out_file + str(rt.rank))
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], world: int, cwd=ROOT, timeout=300) -> None:
+    """`world` processes with the environment torchrun gives its workers; all must succeed."""
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "STEPRL_NO_PROGRESS": "1"}
+        if world > 1:
+            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, *args], cwd=cwd, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny, tmp_path_factory):
+    model, tok, _ = tiny
+    d = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_a_grpo_step_on_two_ranks_equals_one_process_on_the_whole_batch(tiny, tiny_dir, tmp_path):
+    """4 prompts x 3 episodes, two prompts per rank. Both ranks end with identical parameters, and
+    those equal one process's after the same step within 1e-5: the gradients are averaged, dapo's
+    token mean and scale_rewards=batch's std are the launch's, not a rank's."""
+    model, _, _ = tiny
+    rng, vocab = random.Random(0), model.config.vocab_size
+    trajs = []
+    for p in range(4):
+        prompt = [rng.randrange(4, vocab) for _ in range(rng.randint(5, 12))]
+        for _ in range(3):
+            k = rng.randint(2, 10)  # unequal lengths: a token mean differs from a mean of means
+            t = Trajectory(Problem(f"p{p}", "q", "1", {}), list(prompt), ids=[rng.randrange(4, vocab) for _ in range(k)],
+                           mask=[1] * k, turn_index=[0] * k, turn_rewards=[rng.choice([0.0, 0.3, 1.0])])
+            with torch.no_grad():
+                t.logps = (completion_logprobs(model, [t])[0][0] + 0.2 * torch.randn(k)).tolist()
+            trajs.append(t)
+    (tmp_path / "trajs.pkl").write_bytes(pickle.dumps(trajs))
+    worker = tmp_path / "worker.py"
+    worker.write_text(GRPO_WORKER)
+    launch([str(worker), str(tiny_dir), str(tmp_path / "trajs.pkl"), str(tmp_path / "one.pt")], world=1)
+    launch([str(worker), str(tiny_dir), str(tmp_path / "trajs.pkl"), str(tmp_path / "two.pt")], world=2)
+    one = torch.load(tmp_path / "one.pt0")
+    ranks = [torch.load(tmp_path / f"two.pt{r}") for r in (0, 1)]
+    start = dict(model.named_parameters())
+    for loss_type in ("grpo", "dapo"):
+        moved = max((one[loss_type][n] - start[n]).abs().max().item() for n in start)
+        assert moved > 1e-3  # the step did something for the comparison to see
+        for n in start:
+            assert torch.equal(ranks[0][loss_type][n], ranks[1][loss_type][n]), n
+            torch.testing.assert_close(ranks[0][loss_type][n], one[loss_type][n], atol=1e-5, rtol=0)
+
+
+def test_an_sft_step_on_two_ranks_equals_one_process(tiny_dir, tmp_path):
+    """One SFT step over 16 conversations, 8 per rank: the logged loss is the whole batch's token
+    mean and the adapter equals one process's; metrics are written once."""
+    args = ["-m", "steprl.cli", "run", "configs/toy.yaml", "name=t", "stages=[sft]", "eval_after=[]",
+            f"model.name_or_path={tiny_dir}", "sft.n_examples=16", "sft.batch_size=16", "sft.warmup_steps=0",
+            "report_to=[]"]
+    launch([*args, f"output_dir={tmp_path / 'one'}"], world=1)
+    launch([*args, f"output_dir={tmp_path / 'two'}"], world=2)
+    rows = {k: [json.loads(x) for x in (tmp_path / k / "t" / "sft" / "metrics.jsonl").read_text().splitlines()]
+            for k in ("one", "two")}
+    assert [r["step"] for r in rows["two"]] == [1]
+    assert rows["two"][0]["loss"] == pytest.approx(rows["one"][0]["loss"], abs=1e-5)
+    one = load_file(str(tmp_path / "one" / "t" / "sft" / "checkpoint" / "adapter_model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "t" / "sft" / "checkpoint" / "adapter_model.safetensors"))
+    assert one.keys() == two.keys() and one
+    for n in one:
+        torch.testing.assert_close(two[n], one[n], atol=1e-5, rtol=0)
+
+
+def test_torchrun_pipeline_writes_once_and_resumes_after_a_kill(tmp_path):
+    """`torchrun --nproc_per_node 2 -m steprl.cli run configs/toy.yaml`: killed (SIGKILL, the whole
+    launch) after GRPO's first checkpoint, then the same command again: every stage's metrics are
+    its steps exactly once."""
+    out = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", f"--master_port={free_port()}",
+           "-m", "steprl.cli", "run", "configs/toy.yaml", f"output_dir={out}", "eval_after=[]", "report_to=[]",
+           "grpo.steps=6", "grpo.save_every=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STEPRL_NO_PROGRESS": "1"}
+    state = out / "toy" / "grpo" / "checkpoint" / "trainer_state.pt"
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert state.exists(), "GRPO never checkpointed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "toy" / "grpo" / "done.json").exists()
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    for stage, logged in (("grpo", list(range(1, 7))), ("sft", None), ("pretrain", None)):
+        steps = [json.loads(x)["step"] for x in (out / "toy" / stage / "metrics.jsonl").read_text().splitlines()]
+        assert steps == sorted(set(steps)) and steps, (stage, steps)
+        if logged:
+            assert steps == logged
+    assert json.loads((out / "toy" / "summary.json").read_text())["name"] == "toy"
