@@ -22,8 +22,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import steprl.recipes.grpo as grpo
+import steprl.rollout.episodes as episodes
 import steprl.training.rl as rl
-from steprl.config import ConfigError, LoraConfig, RewardConfig, RunConfig, TaskConfig, load_config
+from steprl.config import ConfigError, LoraConfig, RewardConfig, RolloutConfig, RunConfig, TaskConfig, load_config
 from steprl.envs.tool_env import ToolEnv
 from steprl.tasks.base import Problem, answers_match, extract_answer
 from steprl.tasks.calc import CalcTask
@@ -431,12 +432,14 @@ def test_broken_reward_functions_count_as_zero_and_the_step_trains(tiny, monkeyp
 
     monkeypatch.setattr(library, "_WARNED", set())  # warned once per process: start afresh
     state = grpo_state(tiny, reward_fns=[("raises", raises, 1.0), ("nan", nan_for_the_first, 1.0)],
-                       tool_timeout_s=0.25)
+                       rollout=RolloutConfig(tool_timeout_s=0.25, tool_workers=3))
     envs_made, env_rewards = [], []
     real_make_envs, real_add = rl.make_envs, grpo.add_final_rewards
     monkeypatch.setattr(rl, "make_envs", lambda *a, **kw: envs_made.extend(real_make_envs(*a, **kw)) or envs_made)
     monkeypatch.setattr(grpo, "add_final_rewards",
                         lambda fns, trajs: env_rewards.extend(t.reward for t in trajs) or real_add(fns, trajs))
+    pools, real_pool = [], episodes.ThreadPoolExecutor
+    monkeypatch.setattr(episodes, "ThreadPoolExecutor", lambda n: pools.append(n) or real_pool(n))
     before = weights(state.policy.model)
     with caplog.at_level(logging.WARNING, logger="steprl.rewards"):
         metrics, trajs = grpo.grpo_step(state)
@@ -447,6 +450,7 @@ def test_broken_reward_functions_count_as_zero_and_the_step_trains(tiny, monkeyp
     assert any(not torch.equal(before[n], p) for n, p in state.policy.model.named_parameters())  # trained
     assert {r.getMessage().split("'")[1] for r in caplog.records if r.name == "steprl.rewards"} == {"raises", "nan"}
     assert {env.tool_timeout_s for env in envs_made} == {0.25}  # the run's tool timeout reaches the envs
+    assert pools == [3]  # and its tool_workers the agent loop's thread pool
 
 
 def test_a_nan_loss_or_gradient_skips_the_update_and_the_next_step_trains(tiny, monkeypatch):

@@ -54,7 +54,7 @@ def run(cfg: RunConfig) -> dict:
     state = RLState(
         settings=g, policy=policy, runtime=rt,
         engine=make_engine(cfg.rollout.engine, policy.model, policy.tokenizer, rt.device.type, cfg.rollout.release_memory),
-        task=task, tools=tools, renderer=renderer, system_suffix=suffix, tool_timeout_s=cfg.rollout.tool_timeout_s,
+        task=task, tools=tools, renderer=renderer, system_suffix=suffix, rollout=cfg.rollout,
         problems=task.problems("train", max(g.steps * g.prompts_per_step, 1000), seed=cfg.seed),
         reward_fns=resolve_rewards(g.reward.functions, run_dir=cfg.run_dir),  # rules and/or {model: rm}
         generator=torch.Generator().manual_seed(rt.rank_seed(cfg.seed + start)), rng=random.Random(cfg.seed + start))

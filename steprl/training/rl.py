@@ -46,7 +46,7 @@ class RLState:
     rng: random.Random = field(default_factory=random.Random)
     step: int = 0
     extra: dict = field(default_factory=dict)  # what a recipe keeps across steps (PPO's KL controller)
-    tool_timeout_s: float = RolloutConfig.tool_timeout_s  # the run's rollout.tool_timeout_s
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # the run's rollout: section (tool workers, timeout)
 
     @property
     def micro_batch_size(self) -> int:
@@ -77,11 +77,11 @@ def rollout(state: RLState, prompts: list) -> list[Trajectory]:
     s = state.settings
     episodes = [p for p in prompts for _ in range(s.num_generations)]
     envs = make_envs(state.task, state.tools, s.reward, s.max_turns, len(episodes), state.system_suffix,
-                     state.tool_timeout_s)
+                     state.rollout.tool_timeout_s)
     params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
     state.policy.model.eval()
     trajs = run_episodes(state.engine, state.policy.tokenizer, envs, episodes, params, state.renderer,
-                         state.generator)
+                         state.generator, tool_workers=state.rollout.tool_workers)
     state.engine.sleep()  # what sampling holds is freed for the training passes
     return trajs
 
