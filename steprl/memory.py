@@ -23,7 +23,7 @@ def _libc():
         return None
 
 
-def keep_freed_memory() -> bool:
+def keep_freed_memory(keep: bool = True) -> bool:
     """Make malloc keep freed memory for reuse instead of returning it to the OS.
 
     ~1.6 s of a 7 s LoRA forward + backward of SmolLM2 was page faults before
@@ -36,6 +36,11 @@ def keep_freed_memory() -> bool:
     libc = _libc()
     if libc is None:
         return False
+    if not keep:  # glibc's defaults again: large blocks mmapped, returned to the OS when freed
+        settings = ((M_MMAP_MAX, DEFAULT_MMAP_MAX), (M_MMAP_THRESHOLD, 128 << 10), (M_TRIM_THRESHOLD, 128 << 10),
+                    (M_TOP_PAD, 0))
+        _keeping = not all(libc.mallopt(param, value) == 1 for param, value in settings)
+        return not _keeping
     _keeping = all(libc.mallopt(param, value) == 1 for param, value in
                    ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 2 ** 31 - 1), (M_TOP_PAD, 64 << 20)))
     return _keeping
