@@ -23,6 +23,16 @@ def tiny():
 
 
 @pytest.fixture(scope="session")
+def tiny_dir(tiny, tmp_path_factory):
+    """The tiny fixture model saved as a checkpoint directory (a stage's starting point)."""
+    model, tok, _ = tiny
+    path = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def toy_run(tmp_path_factory):
     """The demo's pipeline (pretrain -> SFT -> GRPO -> eval) at toy size, run once through the CLI."""
     from steprl.cli import main

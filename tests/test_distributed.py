@@ -78,15 +78,6 @@ def launch(args: list[str], world: int, cwd=ROOT, timeout=300) -> None:
         assert p.returncode == 0, out[-3000:]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tiny, tmp_path_factory):
-    model, tok, _ = tiny
-    d = tmp_path_factory.mktemp("tiny_model")
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
 def test_a_grpo_step_on_two_ranks_equals_one_process_on_the_whole_batch(tiny, tiny_dir, tmp_path):
     """4 prompts x 3 episodes, two prompts per rank. Both ranks end with identical parameters, and
     those equal one process's after the same step within 1e-5: the gradients are averaged, dapo's

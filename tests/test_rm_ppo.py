@@ -26,13 +26,9 @@ def read_jsonl(path):
 
 
 @pytest.fixture(scope="module")
-def base(tiny, tmp_path_factory):
-    """The tiny fixture model saved as a checkpoint directory, the starting point of both stages."""
-    model, tok, _ = tiny
-    path = tmp_path_factory.mktemp("base")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+def base(tiny_dir):
+    """The starting point of both stages: the tiny model's checkpoint directory (conftest)."""
+    return str(tiny_dir)
 
 
 def config(base, out, stage, **sections) -> RunConfig:
