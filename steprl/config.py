@@ -247,6 +247,10 @@ class RolloutConfig:
     # a tool call still running after this many seconds is abandoned and answers "Error: ... timed
     # out" (a failed call; the episode goes on); 0 = wait forever
     tool_timeout_s: float = 10.0
+    # the sampler's precision; auto = runtime.precision's choice. bf16: the native engine's weights
+    # and KV cache in bf16 (half the bytes per decode step), the hf engine under autocast.
+    # Evaluation always decodes in fp32, so that accuracies compare across precisions.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 

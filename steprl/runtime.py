@@ -58,6 +58,10 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
+    def rollout_precision(self, asked: str) -> str:
+        """`rollout.precision`: fp32 or bf16 as asked; auto samples in the training passes' precision."""
+        return self.precision if asked == "auto" else asked
+
     # ------------------------------------------------------------ data parallel (identity on one process)
 
     def rank_seed(self, seed: int) -> int:

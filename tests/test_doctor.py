@@ -117,6 +117,13 @@ def test_kl_too_low():
     assert "kl_too_low" not in codes(diagnose(frozen, {"kl_coef": 0.0}))  # KL not measured
 
 
+def test_sampler_mismatch():
+    """A healthy bf16 gap (~0.003) says nothing; a gap of 0.2 (a stale or miscomputing sampler) warns."""
+    assert "sampler_mismatch" not in codes(diagnose(make({**GRPO, "logp_gap": (lambda u: 0.003, 0.001)})))
+    f = only(diagnose(make({**GRPO, "logp_gap": (lambda u: 0.2, 0.01)})), "sampler_mismatch")
+    assert f.severity == "warning" and "rollout.precision" in f.advice
+
+
 def test_reward_stagnation_with_source_advice():
     flat = {**GRPO, "reward": (lambda u: 0.3, 0.03), "accuracy": (lambda u: 0.3, 0.03)}
     ctx = {"learning_rate": 1e-5, "kl_coef": 0.1}

@@ -368,3 +368,29 @@ def test_sft_loss_equals_the_full_vocabulary_loss_and_its_gradient(tiny, use_lor
     assert abs(ours.item() - theirs.item()) < 1e-5
     for a, b in zip(ours_grad, theirs_grad):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_grpo_logs_the_gap_between_sampler_and_training_pass(tiny):
+    """logp_gap = mean |logp_train - logp_sampler| before the first update. Sampling and training
+    in fp32 compute one policy (the gap is float rounding); a bf16 sampler under an fp32 training
+    pass differs by bf16 rounding, small but measured."""
+    from steprl.rollout import NativeEngine
+    from steprl.rollout.chat import tool_setup
+    from steprl.runtime import Runtime
+    from steprl.training.policy import Policy
+    from steprl.training.rl import RLState
+
+    gaps = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model, tok, task = copy.deepcopy(tiny[0]), tiny[1], tiny[2]
+        g = GRPOConfig(prompts_per_step=2, num_generations=2, max_new_tokens=8, max_turns=1, minibatch_size=2,
+                       micro_batch_size=1, kl_coef=0.0, lora=LoraConfig(enabled=False), learning_rate=1e-2)
+        tools, renderer, suffix = tool_setup(task, tok)
+        params = [p for p in model.parameters() if p.requires_grad]
+        policy = Policy(model, tok, None, "", params, torch.optim.AdamW(params, lr=1e-2), None)
+        state = RLState(g, policy, Runtime(torch.device("cpu"), "fp32"), NativeEngine(model, tok, dtype=dtype), task,
+                        tools, renderer, suffix, task.problems("train", 10), generator=torch.Generator().manual_seed(0))
+        metrics, _ = grpo.grpo_step(state)
+        gaps[dtype] = (metrics["logp_gap"], metrics["logp_gap_max"])
+    assert gaps[torch.float32][1] < 1e-4  # one policy: only float rounding
+    assert 1e-4 < gaps[torch.bfloat16][0] < 0.05 and gaps[torch.bfloat16][1] > gaps[torch.float32][1]

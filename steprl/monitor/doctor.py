@@ -22,6 +22,8 @@ import numpy as np
 
 SEVERITY_RANK = {"info": 0, "warning": 1, "critical": 2}
 KL_CRITICAL, KL_WARNING, KL_LOW = 0.5, 0.1, 0.001
+# mean |logp_sampler - logp_trainer| before the first update; bf16 rounding alone is ~0.003
+LOGP_GAP_WARNING = 0.05
 KL_SPIKE = 2.5  # one logged step at 5x the critical line is an explosion on its own
 INT_KEYS = {"num_generations", "per_device_batch_size", "max_new_tokens", "num_epochs"}
 RL_STAGES = {"grpo", "ppo", "rl"}
@@ -255,6 +257,19 @@ def rule_kl_too_low(h: _History, final: bool) -> list[Finding]:
                     f"after warm-up (steps {steps[warm]}-{steps[-1]}): the policy is not moving",
                     ", ".join(parts) + "; check that gradients reach the trained parameters "
                     "(LoRA target modules, frozen layers) and that rewards vary within groups", fix)]
+
+
+def rule_sampler_mismatch(h: _History, final: bool) -> list[Finding]:
+    """The rollout engine and the training pass compute different policies from the same weights
+    (precision, kernels, a stale weight sync): the updates are then off-policy by that much."""
+    steps, gap = h.get("logp_gap")
+    if len(gap) < 3 or float(np.median(gap)) < LOGP_GAP_WARNING:
+        return []
+    return [Finding("sampler_mismatch", "warning", int(steps[0]),
+                    f"logp_gap median {_g(float(np.median(gap)))} (>= {LOGP_GAP_WARNING}) over {len(gap)} logged "
+                    "steps: the sampler's log-probs differ from the training pass's at the same weights",
+                    "sample in the training passes' precision or in fp32 (rollout.precision: fp32); check that "
+                    "the engine reloads the weights after every update (sync_weights)")]
 
 
 def _saturated(h: _History, since_step: int) -> bool:
@@ -517,7 +532,7 @@ def rule_tool_use_collapse(h: _History, final: bool) -> list[Finding]:
                     + ", redo cold-start SFT on tool trajectories", fix)]
 
 
-RULES = [rule_nan_loss, rule_out_of_memory, rule_kl_explosion, rule_kl_too_low,
+RULES = [rule_nan_loss, rule_out_of_memory, rule_kl_explosion, rule_kl_too_low, rule_sampler_mismatch,
          rule_reward_stagnation, rule_reward_collapse, rule_quality_drop, rule_loss_not_decreasing,
          rule_overfitting, rule_zero_variance_groups, rule_entropy_collapse, rule_tool_use_collapse]
 

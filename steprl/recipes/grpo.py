@@ -53,7 +53,8 @@ def run(cfg: RunConfig) -> dict:
     start = policy.state["step"] if policy.state else 0
     state = RLState(
         settings=g, policy=policy, runtime=rt,
-        engine=make_engine(cfg.rollout.engine, policy.model, policy.tokenizer, rt.device.type, cfg.rollout.release_memory),
+        engine=make_engine(cfg.rollout.engine, policy.model, policy.tokenizer, rt.device.type, cfg.rollout.release_memory,
+                           rt.rollout_precision(cfg.rollout.precision)),
         task=task, tools=tools, renderer=renderer, system_suffix=suffix, rollout=cfg.rollout,
         problems=task.problems("train", max(g.steps * g.prompts_per_step, 1000), seed=cfg.seed),
         reward_fns=resolve_rewards(g.reward.functions, run_dir=cfg.run_dir),  # rules and/or {model: rm}
@@ -89,7 +90,8 @@ def grpo_step(state: RLState) -> tuple[dict, list[Trajectory]]:
 
     # 4-5. clipped policy-gradient updates, micro-batches accumulated into minibatches
     model.train()
-    stats: dict[str, list[float]] = {"loss": [], "kl": [], "entropy": [], "clip_ratio": [], "grad_norm": []}
+    stats: dict[str, list[float]] = {"loss": [], "kl": [], "entropy": [], "clip_ratio": [], "grad_norm": [],
+                                     "logp_gap": [], "logp_gap_max": []}
     skipped, rt = 0, state.runtime
     for _ in range(g.num_iterations):
         order = list(range(len(trajs)))
@@ -105,7 +107,8 @@ def grpo_step(state: RLState) -> tuple[dict, list[Trajectory]]:
                 total, micro_stats = done
                 for s in micro_stats:
                     for k, v in s.items():
-                        stats[k].append(v)
+                        if not k.startswith("logp_gap") or not stats["grad_norm"]:  # the gap: before any update
+                            stats[k].append(v)
                 grad_norm = torch.nn.utils.clip_grad_norm_(state.policy.params, g.max_grad_norm)
                 if torch.isfinite(grad_norm):
                     optimizer.step()
@@ -121,6 +124,8 @@ def grpo_step(state: RLState) -> tuple[dict, list[Trajectory]]:
         **reward_metrics,
         "rollout_time": rollout_seconds,
     }
+    if stats["logp_gap_max"]:
+        metrics["logp_gap_max"] = max(stats["logp_gap_max"])
     if skipped:
         metrics.update({"event": "nan_skip", "skipped_minibatches": skipped})
     return metrics, trajs
@@ -191,6 +196,11 @@ def policy_loss(model, mb, cols, mask, advantages, old_logp, ref_logp, g, scale:
     loss = aggregate_loss(per_token, m, g.loss_type, max_len=g.max_new_tokens * g.max_turns) * scale
     n_tok = m.sum().clamp(min=1)
     clipped = clipped_tokens(logp, old, a, g)
+    # sampler vs training pass: the same policy until the first update, so |logp - old| is the two
+    # engines' arithmetic (bf16 rounding, kernels). The ratio rho is already taken to the sampler's
+    # log-probs, so it corrects for the gap as importance sampling; the gap is logged to watch it.
+    gap = (logp.detach() - old).abs() * m
     stats = {"kl": float((kl.detach() * m).sum() / n_tok), "entropy": float((entropy * m).sum() / n_tok),
-             "clip_ratio": float((clipped.float() * m).sum() / n_tok)}
+             "clip_ratio": float((clipped.float() * m).sum() / n_tok),
+             "logp_gap": float(gap.sum() / n_tok), "logp_gap_max": float(gap.max())}
     return loss, stats

@@ -86,7 +86,8 @@ def run(cfg: RunConfig) -> dict:
         kl_ctl = AdaptiveKLController(kl_coef, p.target_kl, p.kl_horizon) if p.adaptive_kl else FixedKLController(kl_coef)
     state = RLState(
         settings=p, policy=policy, runtime=rt,
-        engine=make_engine(cfg.rollout.engine, policy.model, policy.tokenizer, rt.device.type, cfg.rollout.release_memory),
+        engine=make_engine(cfg.rollout.engine, policy.model, policy.tokenizer, rt.device.type, cfg.rollout.release_memory,
+                           rt.rollout_precision(cfg.rollout.precision)),
         task=task, tools=tools, renderer=renderer, system_suffix=suffix, rollout=cfg.rollout,
         problems=task.problems("train", max(p.steps * p.prompts_per_step, 1000), seed=cfg.seed),
         reward_fns=resolve_rewards(p.reward.functions, run_dir=cfg.run_dir),  # rules and/or a reward model

@@ -27,6 +27,11 @@ Per layer, with h the residual stream of the new token and t its position:
     h = h + softmax(q K^T * scale + mask) V Wo
     x = rms_norm(h) * w_post;  h = h + (silu(x Wg) * (x Wu)) Wd
 logits = (rms_norm(h) * w_final) W_head.  The logits equal HF's to float rounding (tested).
+
+In bf16 (`dtype`, the rollout's precision) the weights, activations and KV cache are bf16: a
+decode step streams half the bytes, and the linears run in oneDNN's bf16 GEMM (AMX on CPUs that
+have it) instead of MKL's packed fp32 one; the logits come out in fp32. The sampled log-probs
+then differ from the fp32 training pass's by bf16 rounding (the RL step logs that gap).
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ from steprl.models.loading import unwrap_peft
 SUPPORTED = {"llama", "qwen2", "mistral"}
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 MKL_PACKED = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+ONEDNN_PACKED = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 # (out, log-normaliser) of softmax(q K^T scale + mask) V in one kernel, private to torch: without it
 # `attend` falls back to matmuls
 FUSED_ATTENTION = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
@@ -64,43 +70,61 @@ def effective_linear(module) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 class LlamaDecoder:
     """Decode steps of one model at one version of its weights (`for_model` rebuilds it when an
-    optimiser step or a LoRA toggle changes them)."""
+    optimiser step or a LoRA toggle changes them), in `dtype`: fp32, or bf16 (weights, activations
+    and KV cache in bf16, half the bytes a memory-bound decode step streams; the logits in fp32)."""
 
-    def __init__(self, model):
+    def __init__(self, model, dtype: torch.dtype = torch.float32):
         lm = unwrap_peft(model)
         cfg = lm.config
+        self.dtype = dtype
         self.eps = cfg.rms_norm_eps
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.layers = []
         for layer in lm.model.layers:
             att, mlp = layer.self_attn, layer.mlp
             self.layers.append({
-                "norm_in": layer.input_layernorm.weight.detach(),
-                "norm_post": layer.post_attention_layernorm.weight.detach(),
-                "q": effective_linear(att.q_proj), "k": effective_linear(att.k_proj),
-                "v": effective_linear(att.v_proj), "o": effective_linear(att.o_proj),
-                "gate": effective_linear(mlp.gate_proj), "up": effective_linear(mlp.up_proj),
-                "down": effective_linear(mlp.down_proj), "scale": att.scaling, "head_dim": att.head_dim,
+                "norm_in": self.cast(layer.input_layernorm.weight.detach()),
+                "norm_post": self.cast(layer.post_attention_layernorm.weight.detach()),
+                "q": self.linear_of(att.q_proj), "k": self.linear_of(att.k_proj),
+                "v": self.linear_of(att.v_proj), "o": self.linear_of(att.o_proj),
+                "gate": self.linear_of(mlp.gate_proj), "up": self.linear_of(mlp.up_proj),
+                "down": self.linear_of(mlp.down_proj), "scale": att.scaling, "head_dim": att.head_dim,
             })
-        self.norm = lm.model.norm.weight.detach()
+        self.norm = self.cast(lm.model.norm.weight.detach())
         self.rotary = lm.model.rotary_emb
         self.embed = model.get_input_embeddings()
         head = model.get_output_embeddings()
-        self.head = effective_linear(head) if type(head) is torch.nn.Linear else head
+        self.head = self.linear_of(head) if type(head) is torch.nn.Linear else head
         self.packed, self.packed_rows = {}, 0  # MKL-packed weights, for batches of packed_rows rows
 
+    def cast(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(self.dtype)
+
+    def linear_of(self, module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return tuple(self.cast(t) for t in effective_linear(module))
+
     def pack(self, rows: int) -> None:
-        """Pack every weight for MKL's packed GEMM at `rows` rows, unless they are packed for that
-        already or `rows` < MIN_PACKED_ROWS. `generate` calls it with its batch size: `linear` uses
-        the packed weights for batches of exactly that many rows (until rows finish), `F.linear`
-        for others. A packed copy of the weights, freed with the decoder; packing SmolLM2 takes
-        ~0.2 s, and its decode linears at 16-64 rows then run 15-27% faster, with the same
-        results (docs/benchmarks.md, "The decode step's weights"). Under LoRA the merged weights are packed."""
-        if rows == self.packed_rows or rows < MIN_PACKED_ROWS or not MKL_PACKED:
-            return
-        self.packed = {}  # the old packing first: old and new together would double its memory
+        """Pack every weight for a GEMM that reads a prepared layout, at `rows` rows; `generate`
+        calls it with its batch size. Under LoRA the merged weights are packed. A packed copy of
+        the weights, freed with the decoder.
+
+        fp32: MKL's packed GEMM, for batches of exactly `rows` rows (`F.linear` for others, and
+        nothing packed below MIN_PACKED_ROWS or when packed for `rows` already): packing SmolLM2
+        takes ~0.2 s, and its decode linears at 16-64 rows then run 15-27% faster, with the same
+        results (docs/benchmarks.md, "The decode step's weights").
+        bf16: oneDNN's packed layout (AMX's tiles where the CPU has them), once, for any number of
+        rows: bit-identical to `F.linear` in bf16, which re-lays the weight out at every call and
+        so runs at half the speed at 16-64 rows (docs/benchmarks.md, "bf16")."""
         weights = [w[p] for w in self.layers for p in PROJECTIONS]
         weights += [self.head] if isinstance(self.head, tuple) else []
+        if self.dtype == torch.bfloat16:
+            if ONEDNN_PACKED and not self.packed:
+                self.packed = {id(w): torch.ops.mkldnn._reorder_linear_weight(w, rows) for w, _ in weights}
+                self.packed_rows = None  # any
+            return
+        if rows == self.packed_rows or rows < MIN_PACKED_ROWS or not MKL_PACKED or self.dtype != torch.float32:
+            return
+        self.packed = {}  # the old packing first: old and new together would double its memory
         with own_mappings():  # MKL asks for 4x what it fills: keep that out of the heap
             self.packed = {id(w): torch.ops.mkl._mkl_reorder_linear_weight(w, rows) for w, _ in weights}
         self.packed_rows = rows
@@ -129,17 +153,17 @@ class LlamaDecoder:
         DECODERS.pop(model, None)
 
     @classmethod
-    def for_model(cls, model) -> LlamaDecoder | None:
-        """The model's decoder, built once per weight version; None where HF's forward must decode
-        (unsupported architecture, or training mode, where dropout is live)."""
+    def for_model(cls, model, dtype: torch.dtype = torch.float32) -> LlamaDecoder | None:
+        """The model's decoder in `dtype`, built once per weight version; None where HF's forward
+        must decode (unsupported architecture, or training mode, where dropout is live)."""
         if model.training or not cls.supports(model):
             return None
         version = cls.version(model)
         cached = DECODERS.get(model)
-        if cached is not None and cached[0] == version:
+        if cached is not None and cached[0] == version and cached[1].dtype == dtype:
             return cached[1]
         cls.forget(model)  # free the stale copy first: old and new together would double its memory
-        decoder = cls(model)
+        decoder = cls(model, dtype)
         DECODERS[model] = (version, decoder)
         return decoder
 
@@ -151,7 +175,7 @@ class LlamaDecoder:
         `shared` columns hold the same unmasked prefix in every row (the prompts' common stem):
         attention reads them from one row instead of every row's copy (`attend`)."""
         b = tokens.shape[0]
-        h = self.embed(tokens)  # [B, D]
+        h = self.embed(tokens).to(self.dtype)  # [B, D]
         cos, sin = self.rotary(h, positions[:, None])  # [B, 1, d] against [B, heads, d]
         bias = torch.zeros(mask.shape, dtype=h.dtype).masked_fill_(mask == 0, float("-inf"))[:, None, None, :]
         groups = self.n_heads // self.n_kv
@@ -178,7 +202,7 @@ class LlamaDecoder:
         stem, width = cache.get_seq_length(), int(lengths.max())
         columns = stem + width - lengths[rows] + index  # its cache column, rows left-padded
         slots = rows * width + index  # its place in the rows right-padded to `width`, flattened
-        h = self.embed(torch.tensor([t for s in seqs for t in s]))  # [T, D]
+        h = self.embed(torch.tensor([t for s in seqs for t in s])).to(self.dtype)  # [T, D]
         cos, sin = self.rotary(h, (stem + index)[:, None])  # [T, 1, d] against [T, heads, d]
         t, groups = h.shape[0], self.n_heads // self.n_kv
         for w, slot in zip(self.layers, cache.layers):
@@ -207,13 +231,18 @@ class LlamaDecoder:
         return h + self.linear(F.silu(self.linear(x, w["gate"])) * self.linear(x, w["up"]), w["down"])
 
     def logits(self, h):
+        """fp32 logits [N, V]: sampling and its log-probs read them in fp32 whatever the dtype."""
         h = F.rms_norm(h, h.shape[-1:], self.norm, self.eps)
-        return self.linear(h, self.head) if isinstance(self.head, tuple) else self.head(h)
+        if isinstance(self.head, tuple):
+            return self.linear(h, self.head).float()
+        return self.head(h.to(next(self.head.parameters()).dtype)).float()
 
     def linear(self, x: torch.Tensor, wb) -> torch.Tensor:
-        packed = self.packed.get(id(wb[0])) if x.shape[0] == self.packed_rows else None
-        if packed is None:
+        packed = self.packed.get(id(wb[0]))
+        if packed is None or (self.packed_rows is not None and x.shape[0] != self.packed_rows):
             return F.linear(x, *wb)
+        if self.packed_rows is None:  # oneDNN's bf16 layout, any rows
+            return torch.ops.mkldnn._linear_pointwise(x, packed, wb[1], "none", [], "")
         return torch.ops.mkl._mkl_linear(x, packed, wb[0], wb[1], self.packed_rows)
 
 
@@ -247,8 +276,9 @@ def attend_stem(q, keys, values, scale: float):
 
 def merged(out_a, lse_a, out_b, lse_b):
     """Attention over two sets of columns from each set's own (out, log-normaliser):
-    (e^l_a out_a + e^l_b out_b) / (e^l_a + e^l_b) = lerp(out_a, out_b, sigmoid(l_b - l_a))."""
-    return torch.lerp(out_a, out_b, torch.sigmoid(lse_b - lse_a).unsqueeze(-1))
+    (e^l_a out_a + e^l_b out_b) / (e^l_a + e^l_b) = lerp(out_a, out_b, sigmoid(l_b - l_a)).
+    (The fused kernel's log-normalisers are fp32 whatever the outputs' dtype.)"""
+    return torch.lerp(out_a, out_b, torch.sigmoid(lse_b - lse_a).unsqueeze(-1).to(out_a.dtype))
 
 
 def attend_matmul(q, keys, values, bias, scale: float, shared: int = 0) -> torch.Tensor:

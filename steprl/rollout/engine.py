@@ -12,7 +12,8 @@ at max_new_tokens). Engines:
 
     native  our batched KV-cache engine for Llama-family models on the CPU (rollout/native.py over
             sampling.py and decoder.py): continuous batching across turns, shared-prefix and
-            packed prefill, MKL-packed weights; its memory handling lives there, not in the recipes.
+            packed prefill, packed weights, fp32 or bf16 (`rollout.precision`); its memory handling
+            lives there, not in the recipes.
     hf      transformers' `generate`, for any causal LM on any device (rollout/hf.py).
 
 An engine that generates whole turns from token ids (hf; a vLLM engine would be one) gets its

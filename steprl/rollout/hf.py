@@ -6,7 +6,7 @@ again every turn (the native engine keeps its cache across turns). Log-probs are
 raw logits in fp32, log_softmax(logits / T) at the sampled token, as the training pass computes
 them; top-k / top-p only choose which tokens can be drawn. Sampling draws from torch's global
 generator on the model's device, seeded from the caller's `generator`, so a seed gives the same
-episodes twice.
+episodes twice. In bf16 it generates under bf16 autocast (the model's weights stay fp32).
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from steprl.rollout.sampling import SamplingParams, StopChecker, left_pad
 class HFEngine:
     name = "hf"
 
-    def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model, tokenizer, precision: str = "fp32"):
+        self.model, self.tokenizer, self.precision = model, tokenizer, precision
 
     def start(self, prompts: list[list[int]], params: SamplingParams, generator=None) -> TurnBatches:
         return TurnBatches(self, prompts, params, generator)
@@ -48,7 +48,8 @@ class HFEngine:
             eos_token_id=sorted(stop.eos_ids), pad_token_id=tok.pad_token_id,
             stop_strings=list(params.stop_strings) or None, output_logits=True, return_dict_in_generate=True)
         seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else None
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
             if seed is not None:
                 torch.manual_seed(seed)
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,

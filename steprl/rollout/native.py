@@ -2,6 +2,8 @@
 the seam of rollout/engine.py. Everything it does for the CPU's sake stays in here."""
 from __future__ import annotations
 
+import torch
+
 from steprl.memory import release_free_memory
 from steprl.rollout.decoder import LlamaDecoder
 from steprl.rollout.engine import Turn
@@ -11,12 +13,13 @@ from steprl.rollout.sampling import NativeSession, SamplingParams, StopChecker
 class NativeEngine:
     """Our engine (module docstring). `release_memory`: give the heap's free pages back to the OS
     before each rollout (glibc), so the rollout's packed weights do not come on top of the
-    training passes' high-water mark; the next passes fault them in again."""
+    training passes' high-water mark; the next passes fault them in again. `dtype`: the decode
+    steps' precision (bf16: bf16 weights and KV cache, `LlamaDecoder`)."""
 
     name = "native"
 
-    def __init__(self, model, tokenizer, release_memory: bool = False):
-        self.model, self.tokenizer, self.release_memory = model, tokenizer, release_memory
+    def __init__(self, model, tokenizer, release_memory: bool = False, dtype: torch.dtype = torch.float32):
+        self.model, self.tokenizer, self.release_memory, self.dtype = model, tokenizer, release_memory, dtype
 
     @staticmethod
     def supports(model, device: str = "cpu") -> bool:
@@ -26,7 +29,7 @@ class NativeEngine:
         if self.release_memory:
             release_free_memory()
         session = NativeSession(self.model, self.tokenizer, prompts, params,
-                                StopChecker.cached(self.tokenizer, params.stop_strings), generator)
+                                StopChecker.cached(self.tokenizer, params.stop_strings), generator, self.dtype)
         return _TurnsOf(session)
 
     def sleep(self) -> None:

@@ -141,15 +141,16 @@ class SlotLayer(DynamicLayer):
     context); here a step writes its column in place and attention reads a view of the filled part.
     """
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, dtype: torch.dtype | None = None):
         super().__init__()
         self.capacity, self.length = capacity, 0
+        self.dtype = dtype  # None: the first keys' dtype
 
     def lazy_initialization(self, key_states, value_states):
         b, h, _, d = key_states.shape
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.key_buf = key_states.new_empty(b, h, self.capacity, d)
-        self.value_buf = value_states.new_empty(b, h, self.capacity, value_states.shape[-1])
+        self.dtype, self.device = self.dtype or key_states.dtype, key_states.device
+        self.key_buf = key_states.new_empty(b, h, self.capacity, d, dtype=self.dtype)
+        self.value_buf = value_states.new_empty(b, h, self.capacity, value_states.shape[-1], dtype=self.dtype)
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -166,6 +167,8 @@ class SlotLayer(DynamicLayer):
         self.value_buf[:, :, self.length:end] = value_states
         self.length = end
         self.keys, self.values = self.key_buf[:, :, :end], self.value_buf[:, :, :end]
+        if self.dtype != key_states.dtype:  # HF's forward on a bf16 decoder's cache: a copy in its dtype
+            return self.keys.to(key_states.dtype), self.values.to(value_states.dtype)
         return self.keys, self.values
 
     def scatter(self, key_states, value_states, rows, columns, batch: int, width: int) -> None:
@@ -175,14 +178,14 @@ class SlotLayer(DynamicLayer):
         finite for the attention's products). `LlamaDecoder.extend` writes this way."""
         grown = []
         for old, new in ((getattr(self, "key_buf", None), key_states), (getattr(self, "value_buf", None), value_states)):
-            buf = new.new_empty(batch, new.shape[1], self.capacity, new.shape[-1])
+            buf = new.new_empty(batch, new.shape[1], self.capacity, new.shape[-1], dtype=self.dtype or new.dtype)
             if self.is_initialized:
                 buf[:, :, :self.length] = old[:1, :, :self.length]
             buf[:, :, self.length:self.length + width] = 0
             buf[rows, :, columns] = new
             grown.append(buf)
         self.key_buf, self.value_buf = grown
-        self.dtype, self.device, self.is_initialized = key_states.dtype, key_states.device, True
+        self.dtype, self.device, self.is_initialized = grown[0].dtype, key_states.device, True
         self.length += width
         self.keys, self.values = self.key_buf[:, :, :self.length], self.value_buf[:, :, :self.length]
 
@@ -200,15 +203,16 @@ class SlotLayer(DynamicLayer):
         self.batch_select_indices(torch.arange(self.key_buf.shape[0]).repeat_interleave(repeats))
 
 
-def new_cache(model, capacity: int) -> Cache:
-    """A cache of SlotLayers when every layer is plain full attention, else HF's DynamicCache
-    (sliding-window or linear-attention layers need their own cache classes)."""
+def new_cache(model, capacity: int, dtype: torch.dtype | None = None) -> Cache:
+    """A cache of SlotLayers (in `dtype`, else the first keys') when every layer is plain full
+    attention, else HF's DynamicCache (sliding-window or linear-attention layers need their own
+    cache classes)."""
     cfg = model.config.get_text_config(decoder=True)
     types = getattr(cfg, "layer_types", None)
     plain = all(t == "full_attention" for t in types) if types else not getattr(cfg, "sliding_window", None)
     if not plain:
         return DynamicCache(config=cfg)
-    return Cache(layers=[SlotLayer(capacity) for _ in range(cfg.num_hidden_layers)])
+    return Cache(layers=[SlotLayer(capacity, dtype) for _ in range(cfg.num_hidden_layers)])
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -278,8 +282,9 @@ def prefill(model, prompts: list[list[int]], pad_id: int, max_new: int, decoder:
     continue one row (or none) run packed, without padding (`LlamaDecoder.extend`).
     """
     stems, stem_of, suffixes, saved = shared_stems(prompts)
+    dtype = decoder.dtype if decoder is not None else None  # the cache in the decoder's precision
     if saved < len(prompts) or not all(stems):  # not worth a second pass
-        cache = new_cache(model, max(len(p) for p in prompts) + max_new)
+        cache = new_cache(model, max(len(p) for p in prompts) + max_new, dtype)
         logits, mask, positions = extend(model, cache, prompts, torch.zeros(len(prompts), 0, dtype=torch.long), pad_id,
                                          decoder=packing(decoder, cache))
         return cache, logits[:, -1], mask, positions, 0
@@ -288,7 +293,8 @@ def prefill(model, prompts: list[list[int]], pad_id: int, max_new: int, decoder:
                                                min(len(x) for x in stems) - 1)  # every stem keeps a token
     if u > 1 and (u - 1) * common < MIN_SAVED_TOKENS:  # an extra pass costs more than it saves
         common = 0
-    cache = new_cache(model, common + max(len(x) - common for x in stems) + max(len(x) for x in suffixes) + max_new)
+    cache = new_cache(model, common + max(len(x) - common for x in stems) + max(len(x) for x in suffixes) + max_new,
+                      dtype)
     decoder = packing(decoder, cache)
     past = torch.zeros(1 if common else u, 0, dtype=torch.long)  # the attention mask of what the cache holds
     if common:
@@ -346,16 +352,19 @@ class NativeSession:
     the row samples again, `finish(row)` ends it. Fed tokens go in one per decode step, like
     sampled tokens but not sampled: the row keeps its place in the batch and its KV cache, so
     later turns are never prefilled again, and rows in different turns decode together. Each
-    turn gets its own `max_new_tokens`.
+    turn gets its own `max_new_tokens`. `dtype` bf16 decodes with bf16 weights and KV cache
+    (`LlamaDecoder`); models it does not support decode through HF's forward as they are.
     """
 
     @torch.inference_mode()
     def __init__(self, model, tokenizer, prompts: list[list[int]], params: SamplingParams,
-                 stop: StopChecker | None = None, generator=None):
+                 stop: StopChecker | None = None, generator=None, dtype: torch.dtype = torch.float32):
         self.model, self.params, self.generator = model, params, generator
         self.stop = stop or StopChecker.cached(tokenizer, params.stop_strings)
         n, max_new = len(prompts), params.max_new_tokens
-        decoder = LlamaDecoder.for_model(model)  # None where HF's forward must run (architecture, training mode)
+        decoder = LlamaDecoder.for_model(model, dtype)  # None where HF's forward must run (architecture, training mode)
+        if decoder is not None:
+            decoder.pack(n)  # before the prefill, whose passes use what is packed for any rows (bf16)
         self.cache, self.logits, prompt_mask, positions, self.shared = prefill(
             model, prompts, tokenizer.pad_token_id, max_new, decoder)
         self.width = prompt_mask.shape[1]
@@ -364,8 +373,6 @@ class NativeSession:
         self.mask[:, :self.width] = prompt_mask
         self.next_pos = positions[:, -1] + 1
         self.decoder = decoder if slotted(self.cache) else None
-        if self.decoder is not None:
-            self.decoder.pack(n)
         eos_ids = getattr(self.stop, "eos_ids", None)
         self.is_eos = (lambda x: x in eos_ids) if eos_ids is not None else self.stop.is_eos  # duck-typed checkers
         self.may_stop = getattr(self.stop, "may_stop", None) if self.stop.stop_strings else None
@@ -442,10 +449,10 @@ class NativeSession:
 
 
 def generate(model, tokenizer, prompts: list[list[int]], params: SamplingParams,
-             stop: StopChecker | None = None, generator=None):
+             stop: StopChecker | None = None, generator=None, dtype: torch.dtype = torch.float32):
     """One turn for every prompt: (tokens, logps, finish) per row (`NativeSession`, each row
     finished when its turn ends)."""
-    session = NativeSession(model, tokenizer, prompts, params, stop, generator)
+    session = NativeSession(model, tokenizer, prompts, params, stop, generator, dtype)
     results = [None] * len(prompts)
     while session.live:
         for row, tokens, logps, how in session.step():
