@@ -5,16 +5,23 @@
     python benchmarks/run.py --json            # everything (SmolLM2-135M + tiny model, TRL if installed)
     python benchmarks/run.py --quick --json    # smoke check (< 1 min): tiny model, tiny sizes, 1 repeat
 
+Every side runs at its best precision, and each precision of `--precision` side by side: bf16 and
+fp32 where a bf16 matmul runs at least 1.5x fp32's here (CPUs with AMX, GPUs), else fp32 alone
+(CPUs without bf16 units run bf16 hundreds of times slower). Peers are always compared at the same
+precision, and roofline fractions are taken against that precision's measured peak.
+
 Parts (docs/benchmarks.md has the method and the FLOP conventions):
-  1. roofline   GFLOP/s of a large fp32 matmul (median of several reps)
+  1. roofline   GFLOP/s of a large matmul in fp32 and in bf16 (bf16 inputs), median of several reps
   2. generation tokens/s of `steprl.rollout.sampling.generate` vs HF `model.generate(do_sample=True)`,
                 same prompts and sampling settings, exactly the same number of new tokens per row, at
                 batch 16 and 64: B distinct prompts, and the GRPO shape B/G prompts x G copies (ours
-                shares their prefix; HF gets `num_return_sequences=G`)
+                shares their prefix; HF gets `num_return_sequences=G`). bf16: ours decodes with
+                `dtype=torch.bfloat16` (bf16 weights and KV cache), HF runs a bf16 copy of the model
   3. GRPO step  `steprl.recipes.grpo.grpo_step` (4 prompts x 4 generations, <= 64 new tokens,
-                kl_coef 0.04, fp32), full fine-tuning and LoRA r16 on q,k,v,o
-  4. TRL        `trl.GRPOTrainer` with identical settings, timed per step (only if `import trl` works:
-                `pip install -e '.[bench]'`, TRL 1.16)
+                kl_coef 0.04), full fine-tuning and LoRA r16 on q,k,v,o; bf16: `Runtime(cpu, "bf16")`
+                (autocast, fp32 master weights) and the native engine decoding in bf16
+  4. TRL        `trl.GRPOTrainer` with identical settings (`bf16=True` for bf16), timed per step (only
+                if `import trl` works: `pip install -e '.[bench]'`, TRL 1.16)
   5. memory     peak RSS of each GRPO part's steps, read in this process (Linux resets the high-water
                 mark through /proc/self/clear_refs; elsewhere ru_maxrss, an upper bound)
 
@@ -23,15 +30,23 @@ Roofline fractions: generation 2P FLOPs per generated token; the training passes
 activation gradients but no weight gradients; P_A = adapter parameters), over the step time
 after the rollout.
 
-With --json the LAST line printed is one JSON object with gen_speedup_vs_hf,
-grpo_step_speedup_vs_trl (null when TRL is absent, with grpo_step_speedup_vs_trl_reason),
-gen_roofline_fraction, train_roofline_fraction, peak_rss_gb and the raw numbers.
+With --json the LAST line printed is one JSON object. Headline keys, all at `precision` (bf16 when it
+ran, else fp32) with peers at the same precision:
+  precision, gen_speedup_vs_hf, grpo_step_speedup_vs_trl (null when TRL is absent or failed, with
+  grpo_step_speedup_vs_trl_reason; the slower of LoRA and full), gen_roofline_fraction,
+  train_roofline_fraction, and their _grouped / _full / _lora variants;
+  fp32_matmul_gflops, bf16_matmul_gflops, matmul_gflops (the headline precision's);
+  grpo_step_seconds_bf16, grpo_step_seconds_fp32 ({"lora": s, "full": s} of our step, null when that
+  precision did not run), grpo_step_bf16_speedup_vs_fp32 (ours, per mode); peak_rss_gb (our GRPO
+  steps, every precision). `by_precision` holds the headline keys of each precision that ran; the raw
+  numbers (gen_tok_s, grpo_step_seconds, peak_rss_gb_grpo) are keyed ".../<precision>".
 Progress goes to stderr, the table and the JSON line to stdout.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import dataclasses
 import gc
@@ -60,6 +75,7 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GB = 1e9  # decimal gigabytes: the 4 GB target is checked against 4e9 bytes
 
 
@@ -109,11 +125,22 @@ def peak_rss_since_reset_gb(was_reset: bool) -> float:
 
 # --------------------------------------------------------------------------------- 1. roofline
 
-def matmul_gflops(n: int, reps: int) -> dict:
-    """GFLOP/s of an fp32 [n, n] @ [n, n] matmul (2 n^3 FLOPs), median of `reps` after a warm-up."""
+def matmul_gflops(n: int, reps: int, precision: str = "fp32") -> dict:
+    """GFLOP/s of an [n, n] @ [n, n] matmul in `precision` (2 n^3 FLOPs; bf16 inputs and output for
+    bf16), median of `reps` after a warm-up. Where the precision has no fast kernels here (bf16 on
+    CPUs without bf16 units: ~0.3 GFLOP/s, a minute per 2048^3 product), n is halved until a product
+    should take under 2 s, judged from a 256^3 probe."""
+    dtype = DTYPES[precision]
     gen = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
-    out = torch.empty(n, n)
+    probe = torch.randn(256, 256, generator=gen).to(dtype)
+    probe @ probe  # warm-up: kernel selection
+    t = time.perf_counter()
+    probe @ probe
+    probe_gflops = 2 * 256 ** 3 / (time.perf_counter() - t) / 1e9
+    while n > 256 and 2 * n ** 3 / (probe_gflops * 1e9) > 2.0:
+        n //= 2
+    a, b = torch.randn(n, n, generator=gen).to(dtype), torch.randn(n, n, generator=gen).to(dtype)
+    out = torch.empty(n, n, dtype=dtype)
     torch.mm(a, b, out=out)
     times = []
     for _ in range(reps):
@@ -121,8 +148,8 @@ def matmul_gflops(n: int, reps: int) -> dict:
         torch.mm(a, b, out=out)
         times.append(time.perf_counter() - t)
     gflops = [2 * n ** 3 / t / 1e9 for t in times]
-    return {"size": n, "reps": reps, "gflops": statistics.median(gflops), "gflops_all": gflops,
-            "threads": torch.get_num_threads()}
+    return {"precision": precision, "size": n, "reps": reps, "gflops": statistics.median(gflops),
+            "gflops_all": gflops, "threads": torch.get_num_threads()}
 
 
 # --------------------------------------------------------------------------------- FLOP counting
@@ -260,9 +287,12 @@ class NoStop:
         return False
 
 
-def bench_generation(name, model, tok, prompts, batch, new_tokens, repeats, peak_gflops, group=1, seed=0):
+def bench_generation(name, model, hf_model, tok, prompts, batch, new_tokens, repeats, precision, peak_gflops,
+                     group=1, seed=0):
     """Tokens/s of our `generate` and HF's `model.generate` on the same prompts, same sampling
-    settings (temperature 1, top_p 1, top_k 0), exactly `new_tokens` per row on both sides.
+    settings (temperature 1, top_p 1, top_k 0), exactly `new_tokens` per row on both sides, each at
+    its best in `precision`: ours decodes the fp32 `model` with `dtype` bf16 or fp32, HF runs
+    `hf_model`, the model itself for fp32 and a bf16 copy of it for bf16.
 
     group = 1: `batch` distinct prompts. group = G > 1: the GRPO shape, batch / G prompts x G copies:
     ours gets the copies as rows (its prefill shares their common prefix), HF gets the distinct
@@ -278,12 +308,12 @@ def bench_generation(name, model, tok, prompts, batch, new_tokens, repeats, peak
 
     def ours():
         gen = torch.Generator().manual_seed(seed)
-        tokens, _, _ = generate(model, tok, rows, params, stop=NoStop(), generator=gen)
+        tokens, _, _ = generate(model, tok, rows, params, stop=NoStop(), generator=gen, dtype=DTYPES[precision])
         assert len(tokens) == batch and all(len(t) == new_tokens for t in tokens), "ours: not exactly N tokens"
 
     def hf():
         torch.manual_seed(seed)
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0,
+        out = hf_model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0,
                              top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, num_return_sequences=group,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
@@ -304,7 +334,8 @@ def bench_generation(name, model, tok, prompts, batch, new_tokens, repeats, peak
     prefill = 2 * P["body"] * prompt_tokens  # + the head once per row, ignored
     peak = peak_gflops * 1e9
     row = {
-        "model": name, "batch": batch, "group": group, "new_tokens": new_tokens, "repeats": repeats,
+        "model": name, "precision": precision, "batch": batch, "group": group, "new_tokens": new_tokens,
+        "repeats": repeats,
         "prompt_tokens_mean": sum(len(r) for r in rows) / batch, "padded_width": int(ids.shape[1]),
         "params_matmul": P["matmul"],
         "ours_seconds": s_ours, "hf_seconds": s_hf, "ours_seconds_all": t_ours, "hf_seconds_all": t_hf,
@@ -317,7 +348,7 @@ def bench_generation(name, model, tok, prompts, batch, new_tokens, repeats, peak
         "hf_roofline_fraction_incl_prefill": (prefill + 2 * P["matmul"] * n_new) / s_hf / peak,
     }
     shape = f"{batch // group}x{group}" if group > 1 else f"{batch}"
-    log(f"generation {name} batch {shape}: ours {row['ours_tok_s']:.1f} tok/s, "
+    log(f"generation {name} {precision} batch {shape}: ours {row['ours_tok_s']:.1f} tok/s, "
         f"HF {row['hf_tok_s']:.1f} tok/s, x{row['speedup']:.2f}")
     return row
 
@@ -326,10 +357,12 @@ def bench_generation(name, model, tok, prompts, batch, new_tokens, repeats, peak
 
 def bench_grpo_ours(name, factory, lora: bool, s: dict, repeats: int, peak_gflops: float,
                     kl_coef: float = 0.04, lr: float = 1e-6, max_turns: int = 1, micro_batch_size: int = 0,
-                    release_memory: bool = False) -> dict:
+                    release_memory: bool = False, precision: str = "fp32") -> dict:
     """`grpo_step` timed: one warm-up step, then `repeats` steps; the rollout's share from the step's
     own `rollout_time`, the passes (reference + update) are the rest. Peak RSS of the steps alone
-    (model, reference and optimiser state resident) and of the whole part (loading included)."""
+    (model, reference and optimiser state resident) and of the whole part (loading included).
+    `precision` bf16: the passes under bf16 autocast (fp32 master weights), the rollout decoding in
+    bf16, as a run with runtime.precision bf16 builds them."""
     from steprl.config import LoraConfig, RunConfig, TaskConfig, validate
     from steprl.models.lean import lean_training
     from steprl.models.loading import apply_lora
@@ -370,8 +403,10 @@ def bench_grpo_ours(name, factory, lora: bool, s: dict, repeats: int, peak_gflop
     problems = task.problems("train", 1000, seed=0)
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = adamw(params, lr=g.learning_rate, weight_decay=0.0)  # as the recipes build it
-    state = RLState(g, Policy(model, tok, ref_model, "", params, optimizer, None), Runtime(torch.device("cpu"), "fp32"),
-                    NativeEngine(model, tok, release_memory), task, tools, renderer, suffix, problems,
+    runtime = Runtime(torch.device("cpu"), precision)  # bf16: the passes under autocast
+    engine = NativeEngine(model, tok, release_memory, DTYPES[precision])  # bf16: bf16 weights and KV cache
+    state = RLState(g, Policy(model, tok, ref_model, "", params, optimizer, None), runtime, engine,
+                    task, tools, renderer, suffix, problems,
                     generator=torch.Generator().manual_seed(cfg.seed), rng=random.Random(cfg.seed))
     rss_part = peak_rss_since_reset_gb(part_reset)  # loading and set-up
     steps_reset = reset_peak_rss()
@@ -382,7 +417,8 @@ def bench_grpo_ours(name, factory, lora: bool, s: dict, repeats: int, peak_gflop
         state.step = step
         metrics, trajs = grpo_step(state)
         dt = time.perf_counter() - t
-        log(f"grpo ours {name} {'lora' if lora else 'full'} step {step}{' (warm-up)' if step == 0 else ''}: "
+        log(f"grpo ours {name} {precision} {'lora' if lora else 'full'} step {step}"
+            f"{' (warm-up)' if step == 0 else ''}: "
             f"{dt:.2f} s (rollout {metrics['rollout_time']:.2f} s)")
         if step == 0:
             continue
@@ -393,7 +429,7 @@ def bench_grpo_ours(name, factory, lora: bool, s: dict, repeats: int, peak_gflop
         prompt_lens.append(sum(len(t.prompt_ids) for t in trajs) / len(trajs))
     rss_steps = peak_rss_since_reset_gb(steps_reset)
     rss_part = max(rss_part, rss_steps)
-    del model, ref_model, optimizer, params, state
+    del model, ref_model, optimizer, params, state, engine
     free_memory()
     peak, total_s, total_rollout = peak_gflops * 1e9, sum(times), sum(rollout)
     total_passes = total_s - total_rollout
@@ -403,7 +439,8 @@ def bench_grpo_ours(name, factory, lora: bool, s: dict, repeats: int, peak_gflop
 
     n_seq = s["prompts"] * s["generations"]
     return {
-        "impl": "steprl", "model": name, "mode": "lora" if lora else "full", "repeats": repeats,
+        "impl": "steprl", "model": name, "precision": precision, "mode": "lora" if lora else "full",
+        "repeats": repeats,
         "step_seconds": median(times), "step_seconds_all": times, "rollout_seconds": median(rollout),
         "passes_seconds": median([a - b for a, b in zip(times, rollout)]),
         "mean_completion_tokens": statistics.mean(lengths), "mean_prompt_tokens": statistics.mean(prompt_lens),
@@ -433,9 +470,10 @@ def trl_status() -> tuple[object, str | None]:
 
 
 def bench_grpo_trl(name, factory, lora: bool, s: dict, repeats: int, peak_gflops: float,
-                   kl_coef: float = 0.04, lr: float = 1e-6) -> dict:
+                   kl_coef: float = 0.04, lr: float = 1e-6, precision: str = "fp32") -> dict:
     """trl.GRPOTrainer with the settings of bench_grpo_ours: same prompts in the same order, same
-    group size and lengths, beta, fp32, no gradient checkpointing, one optimiser step per step."""
+    group size and lengths, beta, precision (bf16: `bf16=True`, the Trainer's bf16 autocast over
+    fp32 master weights), no gradient checkpointing, one optimiser step per step."""
     import trl
     from datasets import Dataset
     from peft import LoraConfig as PeftLoraConfig
@@ -447,7 +485,8 @@ def bench_grpo_trl(name, factory, lora: bool, s: dict, repeats: int, peak_gflops
     part_reset = reset_peak_rss()
     model, tok = factory()
     workdir = tempfile.mkdtemp(prefix="steprl-bench-trl-")
-    if not Path(str(model.config._name_or_path)).is_dir():
+    source = str(model.config._name_or_path)
+    if not (source and Path(source).is_dir()):  # Path("") is ".", a directory
         # TRL reloads the reference model from config._name_or_path: give it a real directory
         model.save_pretrained(workdir + "/model")
         tok.save_pretrained(workdir + "/model")
@@ -475,7 +514,7 @@ def bench_grpo_trl(name, factory, lora: bool, s: dict, repeats: int, peak_gflops
 
         def on_step_end(self, args, state, control, **kw):
             self.ends.append(time.perf_counter())
-            log(f"grpo trl {name} {'lora' if lora else 'full'} step {len(self.ends) - 1}"
+            log(f"grpo trl {name} {precision} {'lora' if lora else 'full'} step {len(self.ends) - 1}"
                 f"{' (warm-up)' if len(self.ends) == 1 else ''}: "
                 f"{self.ends[-1] - (self.ends[-2] if len(self.ends) > 1 else self.begin):.2f} s")
 
@@ -485,7 +524,7 @@ def bench_grpo_trl(name, factory, lora: bool, s: dict, repeats: int, peak_gflops
         learning_rate=lr, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
         temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0, num_iterations=1, epsilon=0.2,
         loss_type="grpo", scale_rewards="group", max_steps=repeats + 1, logging_steps=1,
-        report_to="none", save_strategy="no", bf16=False, fp16=False, gradient_checkpointing=False,
+        report_to="none", save_strategy="no", bf16=precision == "bf16", fp16=False, gradient_checkpointing=False,
         use_cpu=True, shuffle_dataset=False, seed=0, disable_tqdm=True, dataloader_num_workers=0,
         log_completions=False,
     )
@@ -533,7 +572,8 @@ def bench_grpo_trl(name, factory, lora: bool, s: dict, repeats: int, peak_gflops
     total_passes = total_s - sum(gen) if gen else None
     dropped = sorted(k for k in want if k not in fields)
     return {
-        "impl": "trl", "trl_version": trl.__version__, "model": name, "mode": "lora" if lora else "full",
+        "impl": "trl", "trl_version": trl.__version__, "model": name, "precision": precision,
+        "mode": "lora" if lora else "full",
         "repeats": len(times), "step_seconds": median(times), "step_seconds_all": times,
         "rollout_seconds": median(gen), "passes_seconds": median([a - b for a, b in zip(times, gen)]) if gen else None,
         "mean_completion_tokens": mean_len, "mean_prompt_tokens": mean_prompt,
@@ -580,31 +620,32 @@ def fmt(x, spec=".2f"):
 
 def print_table(res: dict) -> None:
     mm = res["matmul"]
-    print(f"\nroofline: fp32 matmul {mm['size']}^3 -> {mm['gflops']:.1f} GFLOP/s "
-          f"(median of {mm['reps']}, {mm['threads']} threads)")
+    print("\nroofline: " + ", ".join(f"{m['precision']} matmul {m['size']}^3 -> {m['gflops']:.1f} GFLOP/s"
+                                     for m in res["matmuls"].values())
+          + f" (median of {mm['reps']}, {mm['threads']} threads); each row's roofline is its precision's")
     if res["generation"]:
         r0 = res["generation"][0]
         print(f"\ngeneration: exactly {r0['new_tokens']} new tokens per row, temperature 1, top_p 1, "
               f"median of {r0['repeats']} after a warm-up; batch PxG = P prompts x G copies "
               f"(HF: num_return_sequences=G); roofline = 2 x params per generated token")
-        print(f"{'model':<9}{'batch':>7}{'prompt':>8}{'ours tok/s':>12}{'HF tok/s':>10}{'speedup':>9}"
+        print(f"{'model':<9}{'prec':<6}{'batch':>7}{'prompt':>8}{'ours tok/s':>12}{'HF tok/s':>10}{'speedup':>9}"
               f"{'ours roof':>11}{'HF roof':>9}{'ours roof+pre':>15}")
         for r in res["generation"]:
             shape = f"{r['batch'] // r['group']}x{r['group']}" if r["group"] > 1 else str(r["batch"])
-            print(f"{r['model']:<9}{shape:>7}{r['prompt_tokens_mean']:>8.0f}{r['ours_tok_s']:>12.1f}"
+            print(f"{r['model']:<9}{r['precision']:<6}{shape:>7}{r['prompt_tokens_mean']:>8.0f}{r['ours_tok_s']:>12.1f}"
                   f"{r['hf_tok_s']:>10.1f}{r['speedup']:>9.2f}{r['ours_roofline_fraction']:>11.1%}"
                   f"{r['hf_roofline_fraction']:>9.1%}{r['ours_roofline_fraction_incl_prefill']:>15.1%}")
     if res["grpo"]:
         s = res["settings"]["grpo"]
         print(f"\nGRPO step: {s['prompts']} prompts x {s['generations']} generations, <= {s['max_new_tokens']} "
-              f"new tokens, beta {s['kl_coef']}, fp32, median of timed steps after a warm-up step.\n"
+              f"new tokens, beta {s['kl_coef']}, median of timed steps after a warm-up step.\n"
               "train roof: (reference 2P + update) FLOPs per real token / (step - rollout) seconds, update = 6P "
               "full, 4P + 6P_A LoRA (no weight gradients\nfor the frozen base); step roof: the same plus the "
               "rollout's 2(P + P_A), over the whole step; min-work: shared prompts once, no LM head on them")
-        print(f"{'impl':<8}{'model':<9}{'mode':<6}{'step s':>8}{'rollout s':>11}{'passes s':>10}{'compl len':>11}"
-              f"{'train roof':>12}{'min-work':>10}{'step roof':>11}{'RSS GB':>8}")
+        print(f"{'impl':<8}{'model':<9}{'prec':<6}{'mode':<6}{'step s':>8}{'rollout s':>11}{'passes s':>10}"
+              f"{'compl len':>11}{'train roof':>12}{'min-work':>10}{'step roof':>11}{'RSS GB':>8}")
         for r in res["grpo"]:
-            print(f"{r['impl']:<8}{r['model']:<9}{r['mode']:<6}{fmt(r['step_seconds']):>8}"
+            print(f"{r['impl']:<8}{r['model']:<9}{r['precision']:<6}{r['mode']:<6}{fmt(r['step_seconds']):>8}"
                   f"{fmt(r.get('rollout_seconds')):>11}{fmt(r.get('passes_seconds')):>10}"
                   f"{fmt(r['mean_completion_tokens'], '.1f'):>11}{fmt(r['roofline_fraction'], '.1%'):>12}"
                   f"{fmt(r.get('roofline_fraction_min_work'), '.1%'):>10}{fmt(r['step_roofline_fraction'], '.1%'):>11}"
@@ -612,7 +653,11 @@ def print_table(res: dict) -> None:
     for err in res["errors"]:
         print(f"error: {err}")
     h = res
-    print(f"\nheadline: generation x{fmt(h['gen_speedup_vs_hf'])} vs HF ({h['gen_headline']}), "
+    bf16_vs_fp32 = h["grpo_step_bf16_speedup_vs_fp32"]
+    if bf16_vs_fp32:
+        print("\nour GRPO step, bf16 vs fp32: " + ", ".join(f"{m} x{v:.2f}" for m, v in bf16_vs_fp32.items()))
+    print(f"\nheadline ({h['precision']}, peers at {h['precision']}): "
+          f"generation x{fmt(h['gen_speedup_vs_hf'])} vs HF ({h['gen_headline']}), "
           f"{fmt(h['gen_roofline_fraction'], '.1%')} of roofline; GRPO step "
           f"x{fmt(h['grpo_step_speedup_vs_trl'])} vs TRL"
           f"{' (' + h['grpo_step_speedup_vs_trl_reason'] + ')' if h.get('grpo_step_speedup_vs_trl_reason') else ''}, "
@@ -624,7 +669,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="smoke check (< 1 min): tiny model only, batch 4 (and 2x2), 4 new tokens, 1 repeat, "
-                         "a 2x2 GRPO step of 4 tokens, 1 torch thread")
+                         "a 2x2 GRPO step of 4 tokens, 1 torch thread, a 1024^3 roofline; precisions as without it")
     ap.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     ap.add_argument("--skip-trl", action="store_true", help="do not run TRL's GRPOTrainer")
     ap.add_argument("--parts", default="gen,grpo,trl",
@@ -633,6 +678,9 @@ def main(argv=None) -> int:
                     help="leave glibc's malloc at its defaults. Without it the whole process, peers included, "
                          "runs with the setting steprl's runtime uses on the CPU (memory.keep_freed_memory)")
     ap.add_argument("--skip-smollm2", action="store_true", help="tiny model only (GRPO on the tiny model)")
+    ap.add_argument("--precision", default=None,
+                    help="comma-separated precisions to run, each side at its best in each: fp32, bf16 "
+                         "(default: bf16,fp32 where a bf16 matmul runs >= 1.5x fp32's here, else fp32)")
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats (median), after one warm-up")
     ap.add_argument("--batches", default="16,64", help="generation batch sizes")
     ap.add_argument("--group", type=int, default=4,
@@ -659,6 +707,9 @@ def main(argv=None) -> int:
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     parts = set(a.parts.split(","))
+    precisions = list(dict.fromkeys(p for p in (a.precision or "").split(",") if p))  # empty: decided by the roofline
+    if any(p not in DTYPES for p in precisions):
+        ap.error(f"--precision: a comma-separated list of {', '.join(DTYPES)}, not '{a.precision}'")
     if not a.default_malloc:
         from steprl.memory import keep_freed_memory
 
@@ -671,9 +722,14 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     errors: list[str] = []
 
-    log(f"matmul roofline ({a.matmul_size}^3)")
-    mm = matmul_gflops(a.matmul_size, 3 if a.quick else 7)
-    log(f"matmul: {mm['gflops']:.1f} GFLOP/s")
+    # 1. roofline, in both precisions: it also decides which precisions run by default
+    log(f"matmul roofline ({a.matmul_size}^3, fp32 and bf16)")
+    matmuls = {p: matmul_gflops(a.matmul_size, 3 if a.quick else 7, p) for p in DTYPES}
+    peaks = {p: m["gflops"] for p, m in matmuls.items()}
+    log("matmul: " + ", ".join(f"{p} {g:.1f} GFLOP/s" for p, g in peaks.items()))
+    bf16_fast = peaks["bf16"] >= 1.5 * peaks["fp32"]  # the rule of runtime.resolve_precision("auto")
+    precisions = precisions or (["bf16", "fp32"] if bf16_fast else ["fp32"])
+    headline = "bf16" if "bf16" in precisions else "fp32"
 
     models = []  # (name, factory)
     log("building the tiny model (tokenizer trained on the calc corpus)")
@@ -688,15 +744,20 @@ def main(argv=None) -> int:
             errors.append(f"smollm2 unavailable, skipped: {type(err).__name__}: {err}")
             log(errors[-1])
 
-    # 2. generation: distinct prompts, then the GRPO shape (P prompts x G copies)
+    # 2. generation: distinct prompts, then the GRPO shape (P prompts x G copies), in each precision
     gen_rows = []
     for name, factory in (models if "gen" in parts else []):
         model, tok = factory()
         prompts, _, _ = task_prompts(tok, max(batches))
-        for b in batches:
-            for group in sorted({1, a.group if a.group > 1 and b % a.group == 0 else 1}):
-                gen_rows.append(bench_generation(name, model, tok, prompts, b, a.new_tokens, a.repeats,
-                                                 mm["gflops"], group=group))
+        for precision in precisions:
+            # HF at its best in bf16: a bf16 copy of the model (ours decodes the fp32 model in bf16)
+            hf_model = model if precision == "fp32" else copy.deepcopy(model).to(DTYPES[precision])
+            for b in batches:
+                for group in sorted({1, a.group if a.group > 1 and b % a.group == 0 else 1}):
+                    gen_rows.append(bench_generation(name, model, hf_model, tok, prompts, b, a.new_tokens, a.repeats,
+                                                     precision, peaks[precision], group=group))
+            del hf_model
+            free_memory()
         del model
         free_memory()
     rss_after_gen = peak_rss_gb()
@@ -707,14 +768,16 @@ def main(argv=None) -> int:
     grpo_name, grpo_factory = models[0]
     grpo_rows = []
     for lora in ((True, False) if "grpo" in parts else ()):
-        try:
-            grpo_rows.append(bench_grpo_ours(grpo_name, grpo_factory, lora, s, a.repeats, mm["gflops"],
-                                             max_turns=a.grpo_max_turns, micro_batch_size=a.grpo_micro_batch,
-                                             release_memory=a.grpo_release_memory))
-        except Exception as err:
-            errors.append(f"our GRPO step ({'lora' if lora else 'full'}) failed: {type(err).__name__}: {err}")
-            log(errors[-1] + "\n" + traceback.format_exc())
-        free_memory()
+        for precision in precisions:
+            try:
+                grpo_rows.append(bench_grpo_ours(grpo_name, grpo_factory, lora, s, a.repeats, peaks[precision],
+                                                 max_turns=a.grpo_max_turns, micro_batch_size=a.grpo_micro_batch,
+                                                 release_memory=a.grpo_release_memory, precision=precision))
+            except Exception as err:
+                errors.append(f"our GRPO step ({'lora' if lora else 'full'}, {precision}) failed: "
+                              f"{type(err).__name__}: {err}")
+                log(errors[-1] + "\n" + traceback.format_exc())
+            free_memory()
 
     # 4. TRL
     trl_reason = None
@@ -724,65 +787,99 @@ def main(argv=None) -> int:
         trl, trl_reason = trl_status()
         if trl is not None:
             for lora in (True, False):
-                try:
-                    grpo_rows.append(bench_grpo_trl(grpo_name, grpo_factory, lora, s, a.repeats, mm["gflops"]))
-                except Exception as err:
-                    msg = f"TRL GRPOTrainer ({'lora' if lora else 'full'}) failed: {type(err).__name__}: {err}"
-                    errors.append(msg)
-                    log(msg + "\n" + traceback.format_exc())
-                free_memory()
+                for precision in precisions:
+                    try:
+                        grpo_rows.append(bench_grpo_trl(grpo_name, grpo_factory, lora, s, a.repeats, peaks[precision],
+                                                        precision=precision))
+                    except Exception as err:
+                        msg = (f"TRL GRPOTrainer ({'lora' if lora else 'full'}, {precision}) failed: "
+                               f"{type(err).__name__}: {err}")
+                        errors.append(msg)
+                        log(msg + "\n" + traceback.format_exc())
+                    free_memory()
         else:
             log(trl_reason)
 
-    # headline numbers
+    # headline numbers: one set per precision, peers at that precision
     def pick(rows, model, grouped=False):
         mine = [r for r in rows if r["model"] == model and (r["group"] > 1) == grouped]
         return max(mine, key=lambda r: r["batch"]) if mine else None
 
-    head = pick(gen_rows, "smollm2") or pick(gen_rows, "tiny")
-    head_grouped = pick(gen_rows, "smollm2", True) or pick(gen_rows, "tiny", True)
-    ours = {r["mode"]: r for r in grpo_rows if r["impl"] == "steprl"}
-    theirs = {r["mode"]: r for r in grpo_rows if r["impl"] == "trl"}
-    speedups = {m: theirs[m]["step_seconds"] / ours[m]["step_seconds"] for m in ours
-                if m in theirs and theirs[m]["step_seconds"] and ours[m]["step_seconds"]}
-    if not speedups and trl_reason is None:
-        trl_reason = "TRL ran but produced no comparable step time (see errors)"
-    fractions = [r["roofline_fraction"] for r in ours.values()]
-    rss = [r["peak_rss_gb_steps"] for r in ours.values()]
+    def ours_by_mode(precision):
+        return {r["mode"]: r for r in grpo_rows if r["impl"] == "steprl" and r["precision"] == precision}
+
+    def summary(precision: str) -> dict:
+        gen = [r for r in gen_rows if r["precision"] == precision]
+        head = pick(gen, "smollm2") or pick(gen, "tiny")
+        head_grouped = pick(gen, "smollm2", True) or pick(gen, "tiny", True)
+        ours = ours_by_mode(precision)
+        theirs = {r["mode"]: r for r in grpo_rows if r["impl"] == "trl" and r["precision"] == precision}
+        speedups = {m: theirs[m]["step_seconds"] / ours[m]["step_seconds"] for m in ours
+                    if m in theirs and theirs[m]["step_seconds"] and ours[m]["step_seconds"]}
+        reason = None
+        if not speedups:
+            reason = trl_reason or f"TRL ran but produced no comparable step time in {precision} (see errors)"
+        fractions = [r["roofline_fraction"] for r in ours.values()]
+        return {
+            "gen_speedup_vs_hf": head["speedup"] if head else None,
+            "grpo_step_speedup_vs_trl": min(speedups.values()) if speedups else None,
+            "grpo_step_speedup_vs_trl_reason": reason,
+            "gen_roofline_fraction": head["ours_roofline_fraction"] if head else None,
+            "train_roofline_fraction": min(fractions) if fractions else None,
+            "gen_headline": f"{head['model']} batch {head['batch']}" if head else None,
+            "gen_speedup_vs_hf_grouped": head_grouped["speedup"] if head_grouped else None,
+            "gen_roofline_fraction_grouped": head_grouped["ours_roofline_fraction"] if head_grouped else None,
+            "gen_headline_grouped": (f"{head_grouped['model']} batch {head_grouped['batch'] // head_grouped['group']}"
+                                     f"x{head_grouped['group']}") if head_grouped else None,
+            "grpo_step_speedup_vs_trl_full": speedups.get("full"),
+            "grpo_step_speedup_vs_trl_lora": speedups.get("lora"),
+            "train_roofline_fraction_full": ours.get("full", {}).get("roofline_fraction"),
+            "train_roofline_fraction_lora": ours.get("lora", {}).get("roofline_fraction"),
+            "train_roofline_fraction_min_work": min((r["roofline_fraction_min_work"] for r in ours.values()),
+                                                    default=None),
+            "step_roofline_fraction": min((r["step_roofline_fraction"] for r in ours.values()), default=None),
+            "matmul_gflops": peaks[precision],
+        }
+
+    def our_step_seconds(precision):  # {"lora": s, "full": s}, None where that precision did not run
+        return {m: r["step_seconds"] for m, r in ours_by_mode(precision).items()} or None
+
+    by_precision = {p: summary(p) for p in precisions}
+    step_bf16, step_fp32 = our_step_seconds("bf16"), our_step_seconds("fp32")
+    bf16_vs_fp32 = None
+    if step_bf16 and step_fp32:
+        bf16_vs_fp32 = {m: step_fp32[m] / step_bf16[m] for m in step_bf16 if m in step_fp32} or None
+    rss = [r["peak_rss_gb_steps"] for r in grpo_rows if r["impl"] == "steprl"]
+
+    def key(*parts):
+        return "/".join(str(x) for x in parts if x is not None)
+
     result = {
-        "gen_speedup_vs_hf": head["speedup"] if head else None,
-        "grpo_step_speedup_vs_trl": min(speedups.values()) if speedups else None,
-        "grpo_step_speedup_vs_trl_reason": None if speedups else trl_reason,
-        "gen_roofline_fraction": head["ours_roofline_fraction"] if head else None,
-        "train_roofline_fraction": min(fractions) if fractions else None,
+        "precision": headline,
+        **by_precision[headline],
         "peak_rss_gb": max(rss) if rss else None,
-        "gen_headline": f"{head['model']} batch {head['batch']}" if head else None,
-        "gen_speedup_vs_hf_grouped": head_grouped["speedup"] if head_grouped else None,
-        "gen_roofline_fraction_grouped": head_grouped["ours_roofline_fraction"] if head_grouped else None,
-        "gen_headline_grouped": (f"{head_grouped['model']} batch {head_grouped['batch'] // head_grouped['group']}"
-                                 f"x{head_grouped['group']}") if head_grouped else None,
         "grpo_model": grpo_name,
-        "grpo_step_speedup_vs_trl_full": speedups.get("full"),
-        "grpo_step_speedup_vs_trl_lora": speedups.get("lora"),
-        "train_roofline_fraction_full": ours.get("full", {}).get("roofline_fraction"),
-        "train_roofline_fraction_lora": ours.get("lora", {}).get("roofline_fraction"),
-        "train_roofline_fraction_min_work": min((r["roofline_fraction_min_work"] for r in ours.values()),
-                                                default=None),
-        "step_roofline_fraction": min((r["step_roofline_fraction"] for r in ours.values()), default=None),
-        "matmul_gflops": mm["gflops"],
-        "gen_tok_s": {f"{r['model']}/b{r['batch']}" + (f"/g{r['group']}" if r["group"] > 1 else ""):
+        "fp32_matmul_gflops": peaks["fp32"],
+        "bf16_matmul_gflops": peaks["bf16"],
+        "grpo_step_seconds_bf16": step_bf16,
+        "grpo_step_seconds_fp32": step_fp32,
+        "grpo_step_bf16_speedup_vs_fp32": bf16_vs_fp32,
+        "by_precision": by_precision,
+        "gen_tok_s": {key(r["model"], f"b{r['batch']}", f"g{r['group']}" if r["group"] > 1 else None, r["precision"]):
                       {"ours": r["ours_tok_s"], "hf": r["hf_tok_s"]} for r in gen_rows},
-        "grpo_step_seconds": {f"{r['impl']}/{r['mode']}": r["step_seconds"] for r in grpo_rows},
-        "peak_rss_gb_grpo": {f"{r['impl']}/{r['mode']}": r["peak_rss_gb_steps"] for r in grpo_rows},
+        "grpo_step_seconds": {key(r["impl"], r["mode"], r["precision"]): r["step_seconds"] for r in grpo_rows},
+        "peak_rss_gb_grpo": {key(r["impl"], r["mode"], r["precision"]): r["peak_rss_gb_steps"] for r in grpo_rows},
         "peak_rss_exact": all(r["peak_rss_exact"] for r in grpo_rows) if grpo_rows else None,
         "peak_rss_gb_after_generation": rss_after_gen,
         # the whole process's peak: the largest reading of any part (a reset also resets ru_maxrss)
         "peak_rss_gb_process": max([rss_after_gen, peak_rss_gb()] + [r["peak_rss_gb_part"] for r in grpo_rows]),
         "peak_rss_gb_children": peak_rss_gb(resource.RUSAGE_CHILDREN),
-        "matmul": mm,
+        "matmul": matmuls[headline],
+        "matmuls": matmuls,
         "generation": gen_rows,
         "grpo": grpo_rows,
-        "settings": {"quick": a.quick, "parts": sorted(parts), "default_malloc": a.default_malloc,
+        "settings": {"quick": a.quick, "parts": sorted(parts), "precisions": precisions,
+                     "default_malloc": a.default_malloc,
                      "repeats": a.repeats, "batches": batches, "group": a.group,
                      "new_tokens": a.new_tokens,
                      "grpo": {**s, "kl_coef": 0.04, "max_turns": a.grpo_max_turns, "lora_r": 16,
