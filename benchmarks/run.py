@@ -723,11 +723,13 @@ def main(argv=None) -> int:
     errors: list[str] = []
 
     # 1. roofline, in both precisions: it also decides which precisions run by default
+    from steprl.runtime import faster_precision
+
     log(f"matmul roofline ({a.matmul_size}^3, fp32 and bf16)")
     matmuls = {p: matmul_gflops(a.matmul_size, 3 if a.quick else 7, p) for p in DTYPES}
     peaks = {p: m["gflops"] for p, m in matmuls.items()}
     log("matmul: " + ", ".join(f"{p} {g:.1f} GFLOP/s" for p, g in peaks.items()))
-    bf16_fast = peaks["bf16"] >= 1.5 * peaks["fp32"]  # the rule of runtime.resolve_precision("auto")
+    bf16_fast = faster_precision(peaks["fp32"], peaks["bf16"]) == "bf16"  # as runtime.precision auto decides
     precisions = precisions or (["bf16", "fp32"] if bf16_fast else ["fp32"])
     headline = "bf16" if "bf16" in precisions else "fp32"
 

@@ -95,7 +95,8 @@ class LlamaDecoder:
         self.embed = model.get_input_embeddings()
         head = model.get_output_embeddings()
         self.head = self.linear_of(head) if type(head) is torch.nn.Linear else head
-        self.packed, self.packed_rows = {}, 0  # MKL-packed weights, for batches of packed_rows rows
+        # packed weights (`pack`): MKL's for batches of packed_rows rows (fp32), oneDNN's for any (None, bf16)
+        self.packed, self.packed_rows = {}, 0
 
     def cast(self, t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(self.dtype)
