@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -143,10 +144,39 @@ def main(argv: list[str] | None = None) -> int:
 
             print(write_compare(args.runs, args.out))
     except (ConfigError, ValueError, FileNotFoundError, NotImplementedError) as err:
-        print(f"steprl: error: {err}", file=sys.stderr)
+        print(f"steprl: error{_which_process()}: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        if _which_process():  # one line per rank, above the launcher's summary of who failed first
+            what = ("stopped: another process of the launch ended (its error comes first)"
+                    if _peer_gone(err) else f"failed: {type(err).__name__}: {err}")
+            print(f"steprl: rank {os.environ['RANK']} of {os.environ['WORLD_SIZE']} {what}", file=sys.stderr)
+        raise
     return 0
 
 
+def _which_process() -> str:
+    """" (rank 1 of 2)" inside a multi-process launch, "" otherwise."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return f" (rank {os.environ.get('RANK', '?')} of {world})" if world != "1" else ""
+
+
+def _peer_gone(err: Exception) -> bool:
+    """A collective that failed because another rank exited: the consequence, not the cause."""
+    text = str(err)
+    return any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                                   "NCCL communicator was aborted"))
+
+
+def entry() -> int:
+    """The console script: under torchrun, `record` hands a failing rank's error to the launcher,
+    whose summary then names the first rank that failed and why."""
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        return record(main)()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -156,3 +156,33 @@ def test_torchrun_pipeline_writes_once_and_resumes_after_a_kill(tmp_path):
         if logged:
             assert steps == logged
     assert json.loads((out / "toy" / "summary.json").read_text())["name"] == "toy"
+
+
+FAILING_TASK = '''
+import os
+from steprl.tasks.calc import CalcTask
+
+class FailOnRank1(CalcTask):
+    def prompt_messages(self, problem):
+        if os.environ.get("RANK") == "1":
+            raise RuntimeError("the tool server is unreachable")
+        return super().prompt_messages(problem)
+'''
+
+
+def test_a_rank_that_raises_ends_the_launch_with_its_error_named(tmp_path):
+    """One rank raises mid-stage while the other waits in a collective: the launch ends (no hang
+    until the 30-minute collective timeout), the failing rank says which it is and why in one line,
+    and torchrun's summary gives that error as the first failure."""
+    (tmp_path / "failing_task.py").write_text(FAILING_TASK)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", f"--master_port={free_port()}",
+           "-m", "steprl.cli", "run", "configs/toy.yaml", f"output_dir={tmp_path / 'runs'}", "eval_after=[]",
+           "report_to=[]", "stages=[pretrain]", "pretrain.steps=2", "task.name=failing_task:FailOnRank1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STEPRL_NO_PROGRESS": "1",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "steprl: rank 1 of 2 failed: RuntimeError: the tool server is unreachable" in out, out[-3000:]
+    root = out[out.index("Root Cause"):]
+    assert "rank      : 1" in root and "RuntimeError: the tool server is unreachable" in root, root
