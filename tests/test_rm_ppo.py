@@ -18,7 +18,7 @@ from steprl.tasks.base import Problem
 METRICS_PPO = {"step", "reward", "reward_std", "accuracy", "kl", "entropy", "loss", "learning_rate",
                "grad_norm", "clip_ratio", "completions/mean_length", "completions/clipped_ratio",
                "turns/mean", "tools/call_frequency", "tools/failure_frequency", "frac_reward_zero_std",
-               "step_time", "value_loss", "explained_variance"}
+               "step_time", "value_loss", "explained_variance", "logp_gap", "logp_gap_max"}
 
 
 def read_jsonl(path):
@@ -267,6 +267,8 @@ def test_ppo_two_steps(base, tmp_path, critic, rm_run):
     assert METRICS_PPO <= set(rows[0]) and "rewards/reward_model/mean" in rows[0]
     assert all(r["rewards/reward_model/failures"] == 0 for r in rows)
     assert all(torch.isfinite(torch.tensor(r["loss"])) and r["value_loss"] >= 0 for r in rows)
+    # fp32 sampler and fp32 training pass before the first update: one policy, only float rounding
+    assert all(0 <= r["logp_gap"] <= r["logp_gap_max"] < 1e-4 for r in rows)
     ckpt = Path(info["checkpoint"])
     assert (ckpt / ("adapter_model.safetensors" if shared else "model.safetensors")).is_file()
     assert (ckpt / VALUE_FILE).is_file() and (out / "done.json").is_file()

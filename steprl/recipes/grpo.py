@@ -39,7 +39,7 @@ from steprl.training.common import Timer, stage_dir
 from steprl.training.passes import Beginning, by_length, completion_logprobs, reference_logprobs, right_aligned
 from steprl.training.policy import setup_policy
 from steprl.training.rl import (RLState, accumulation_scale, clipped_tokens, episode_metrics, live_settings, rollout,
-                                train_rl)
+                                sampler_gap, train_rl)
 
 
 def run(cfg: RunConfig) -> dict:
@@ -196,11 +196,6 @@ def policy_loss(model, mb, cols, mask, advantages, old_logp, ref_logp, g, scale:
     loss = aggregate_loss(per_token, m, g.loss_type, max_len=g.max_new_tokens * g.max_turns) * scale
     n_tok = m.sum().clamp(min=1)
     clipped = clipped_tokens(logp, old, a, g)
-    # sampler vs training pass: the same policy until the first update, so |logp - old| is the two
-    # engines' arithmetic (bf16 rounding, kernels). The ratio rho is already taken to the sampler's
-    # log-probs, so it corrects for the gap as importance sampling; the gap is logged to watch it.
-    gap = (logp.detach() - old).abs() * m
     stats = {"kl": float((kl.detach() * m).sum() / n_tok), "entropy": float((entropy * m).sum() / n_tok),
-             "clip_ratio": float((clipped.float() * m).sum() / n_tok),
-             "logp_gap": float(gap.sum() / n_tok), "logp_gap_max": float(gap.max())}
+             "clip_ratio": float((clipped.float() * m).sum() / n_tok), **sampler_gap(logp, old, m)}
     return loss, stats

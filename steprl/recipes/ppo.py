@@ -58,7 +58,7 @@ from steprl.training.common import Timer, stage_dir
 from steprl.training.passes import reference_logprobs, right_aligned
 from steprl.training.policy import setup_policy
 from steprl.training.rl import (RLState, accumulation_scale, clipped_tokens, episode_metrics, live_settings, rollout,
-                                train_rl)
+                                sampler_gap, train_rl)
 from steprl.training.value import Critic, ValueHead, batched, policy_forward
 
 
@@ -139,7 +139,8 @@ def ppo_step(state: RLState) -> tuple[dict, list[Trajectory]]:
     # 5-6. clipped policy and value updates, micro-batches accumulated into minibatches
     model.train()
     value_model.train()
-    stats = {k: [] for k in ("loss", "policy_loss", "value_loss", "entropy", "clip_ratio", "grad_norm")}
+    stats = {k: [] for k in ("loss", "policy_loss", "value_loss", "entropy", "clip_ratio", "grad_norm",
+                             "logp_gap", "logp_gap_max")}
     skipped = 0
     for _ in range(p.num_iterations):
         order = list(range(len(trajs)))
@@ -178,6 +179,9 @@ def ppo_step(state: RLState) -> tuple[dict, list[Trajectory]]:
                     totals[key] += float(value.detach())
                 stats["entropy"].append(float(masked_mean(entropy, m)))
                 stats["clip_ratio"].append(float(masked_mean(clipped_tokens(logp, old, a, p).float(), m)))
+                if not stats["grad_norm"]:  # sampler vs trainer: only before the first update
+                    for key, value in sampler_gap(logp, old, m).items():
+                        stats[key].append(value)
             # every micro-batch finite on every rank: average over ranks, clip (policy and critic apart), apply
             if rt.sync_gradients(list({id(q): q for q in policy_params + value_params}.values()), finite):
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy_params, p.max_grad_norm)
@@ -202,6 +206,8 @@ def ppo_step(state: RLState) -> tuple[dict, list[Trajectory]]:
         **reward_metrics,
         "rollout_time": rollout_seconds,
     }
+    if stats["logp_gap_max"]:
+        metrics["logp_gap_max"] = max(stats["logp_gap_max"])
     if skipped:
         metrics.update({"event": "nan_skip", "skipped_minibatches": skipped})
 

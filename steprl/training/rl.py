@@ -115,6 +115,15 @@ def clipped_tokens(logp, old_logp, advantages, s) -> torch.Tensor:
     return ((ratio < 1 - s.epsilon) & (advantages < 0)) | ((ratio > 1 + eps_high) & (advantages > 0))
 
 
+def sampler_gap(logp, old_logp, mask) -> dict[str, float]:
+    """|logp_train - logp_sampler| over a micro-batch's completion tokens: its token mean
+    (`logp_gap`) and max (`logp_gap_max`). Before the first update both passes are the same policy,
+    so the gap is the two engines' arithmetic (bf16 rounding, kernels); the ratio rho is taken to the
+    sampler's log-probs, so the clipped surrogate already corrects for it as importance sampling."""
+    gap = (logp.detach() - old_logp).abs() * mask
+    return {"logp_gap": float(gap.sum() / mask.sum().clamp(min=1)), "logp_gap_max": float(gap.max())}
+
+
 def accumulation_scale(s, micro_mask: torch.Tensor, mb_mask: torch.Tensor, mb_tokens: float | None = None) -> float:
     """Weight of a micro-batch in its minibatch, so that accumulated gradients equal one big batch.
     `mb_tokens`: the minibatch's tokens per rank over a multi-process launch (default: this rank's)."""
