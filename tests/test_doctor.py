@@ -147,6 +147,34 @@ def test_reward_collapse():
                 "reward_collapse").severity == "warning"
 
 
+# GRPO at lr 2e-4 on SmolLM2 from a cold start of 0.92 held-out (calc, 8 prompts x 4, all-linear
+# LoRA): the reward only fell. The post-hoc doctor used to call it stagnation and advise 5x the
+# learning rate.
+FELL_REWARD = [0.925, 0.791, 0.769, 0.613, 0.922, 0.703, 0.966, 0.613, 0.903, 0.934, 0.531, 0.559, 0.316, 0.434,
+               0.222, 0.269, 0.603, 0.253, 0.488, 0.403, 0.209, 0.734, 0.612, 0.366, 0.547, 0.728, 0.087]
+FELL_STD = [0.291, 0.372, 0.284, 0.412, 0.303, 0.297, 0.216, 0.406, 0.269, 0.206, 0.13, 0.081, 0.069, 0.302,
+            0.091, 0.15, 0.081, 0.178, 0.157, 0.055, 0.156, 0.284, 0.251, 0.175, 0.121, 0.438, 0.129]
+
+
+def test_reward_that_falls_from_the_start_is_a_collapse_not_stagnation():
+    ctx = {"stage": "grpo", "learning_rate": 2e-4, "kl_coef": 0.04}
+    real = [{"step": i + 1, "reward": r, "reward_std": sd} for i, (r, sd) in enumerate(zip(FELL_REWARD, FELL_STD))]
+    f = only(diagnose(real, ctx, final=True), "reward_collapse")
+    assert f.severity == "critical" and "fell from the start" in f.evidence
+    assert f.fix == {"learning_rate": 5e-5, "kl_coef": 0.08, "rollback": True, "rollback_step": 1}
+    assert "reward_stagnation" not in codes(diagnose(real, ctx, final=True))
+    assert "reward_collapse" in codes(diagnose(real[:20], ctx))  # live, at the first step it judges
+    assert "reward_collapse" not in codes(diagnose(real[:12], ctx, final=True))  # not yet below the start
+    # synthetic: a slow fall from a strong start is caught; a noisy plateau there is not
+    fall = {**GRPO, "reward": (lambda u: 0.8 - 0.3 * u, 0.1), "accuracy": (lambda u: 0.8 - 0.3 * u, 0.1)}
+    assert "reward_collapse" in codes(diagnose(make(fall), ctx, final=True), "warning")
+    plateau = {**GRPO, "reward": (lambda u: 0.8, 0.15), "accuracy": (lambda u: 0.8, 0.1)}
+    for seed in range(4):
+        hist = make(plateau, seed=seed)
+        assert "reward_collapse" not in codes(diagnose(hist, ctx, final=True))
+        assert not any("reward_collapse" in codes(diagnose(hist[:i], ctx)) for i in range(20, 101, 3))
+
+
 def test_quality_drop():
     hist = make({**GRPO, "completions/clipped_ratio": (lambda u: 0.02 if u < 0.5 else 0.5, 0.02),
                  "rewards/format": (lambda u: 0.9 if u < 0.5 else 0.4, 0.03)})
