@@ -116,6 +116,11 @@ class GRPOConfig:
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     epsilon: float = 0.2
     epsilon_high: float | None = None
+    # the sampler's arithmetic is not the training pass's (bf16, kernels): the ratio's old log-probs
+    # come from the training pass, and each token's loss is weighted by min(pi_old / pi_sampler, cap)
+    # (truncated importance sampling; TRL's vllm_importance_sampling_correction)
+    importance_sampling_correction: bool = True
+    importance_sampling_cap: float = 2.0
     num_iterations: int = 1  # mu: optimisation epochs over each batch of rollouts
     minibatch_size: int = 64  # trajectories per optimiser step
     micro_batch_size: int = 0  # trajectories per forward pass (gradient accumulation); 0 = minibatch_size
@@ -169,6 +174,9 @@ class PPOConfig:
     kl_horizon: float = 10000.0  # episodes over which the controller corrects a 20% error
     epsilon: float = 0.2
     epsilon_high: float | None = None
+    # as in GRPO: old log-probs from the training pass, each token weighted by min(pi_old / pi_sampler, cap)
+    importance_sampling_correction: bool = True
+    importance_sampling_cap: float = 2.0
     num_iterations: int = 2  # mu: optimisation epochs over each batch of rollouts
     minibatch_size: int = 32  # episodes per optimiser step
     micro_batch_size: int = 0  # episodes per forward pass (gradient accumulation); 0 = minibatch_size
@@ -372,6 +380,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"grpo.top_p: must be in (0, 1], got {g.top_p}")
     if not 0 <= g.gamma <= 1:
         raise ConfigError(f"grpo.gamma: must be in [0, 1], got {g.gamma}")
+    if not g.importance_sampling_cap >= 1:
+        raise ConfigError(f"grpo.importance_sampling_cap: must be >= 1, got {g.importance_sampling_cap}")
     p, r = cfg.ppo, cfg.rm
     positive = {"ppo.steps": p.steps, "ppo.prompts_per_step": p.prompts_per_step,
                 "ppo.num_generations": p.num_generations, "ppo.max_new_tokens": p.max_new_tokens,
@@ -400,6 +410,8 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"{key}: must be in [0, 1], got {value}")
     if p.temperature <= 0:
         raise ConfigError(f"ppo.temperature: must be > 0, got {p.temperature}")
+    if not p.importance_sampling_cap >= 1:
+        raise ConfigError(f"ppo.importance_sampling_cap: must be >= 1, got {p.importance_sampling_cap}")
     if p.adaptive_kl and not (p.target_kl > 0 and p.kl_horizon > 0):
         raise ConfigError("ppo.target_kl and ppo.kl_horizon: must be > 0 with ppo.adaptive_kl")
     if p.kl_coef < 0 or p.vf_coef < 0 or p.value_clip <= 0:

@@ -25,6 +25,7 @@ from steprl.algos import (
     masked_whiten,
     token_logprobs,
     trajectory_returns,
+    truncated_is_weight,
     turn_level_group_advantages,
 )
 
@@ -634,3 +635,13 @@ def test_adaptive_kl_controller_by_hand():
     assert c.value == pytest.approx(0.1 * 1.00512 * 1.00256 * 0.98)
     with pytest.raises(ValueError):
         AdaptiveKLController(0.1, target=0.0, horizon=10)
+
+
+def test_truncated_is_weight_by_hand():
+    """w = min(exp(old - sampler), cap), no gradient."""
+    old = torch.tensor([0.0, -1.0, -2.0, -0.1], requires_grad=True)
+    sampler = torch.tensor([0.0, -2.0, -0.5, -3.0])
+    w = truncated_is_weight(old, sampler, cap=2.0)
+    torch.testing.assert_close(w, torch.tensor([1.0, 2.0, math.exp(-1.5), 2.0]))
+    assert not w.requires_grad
+    assert truncated_is_weight(old, sampler, cap=5.0)[1].item() == pytest.approx(math.e)

@@ -1,6 +1,7 @@
 """The GRPO training step: micro-batches sorted by length change only which sequences share a
 forward pass, never the loss; the reference pass runs only when the KL term counts; old log-probs
-are the sampling ones (no extra forward pass)."""
+come from no extra forward pass when the step makes one update; TIS weights the loss by the
+truncated ratio to the sampler."""
 import copy
 import random
 
@@ -43,23 +44,26 @@ def random_trajectories(model, n=7, seed=0):
     return trajs, mask, adv, old, ref
 
 
-def gradients(model, trajs, mask, adv, old, ref, g, micro_batch_size):
+def gradients(model, trajs, mask, adv, old, ref, g, micro_batch_size, own_old=False):
+    """own_old: the ratio's old log-probs are each pass's own (TIS in a step of one update), `old`
+    is then the sampler's."""
     model.zero_grad(set_to_none=True)
     g = copy.copy(g)
     g.kl_coef, g.micro_batch_size = 0.04, micro_batch_size
     order = list(range(len(trajs)))
     random.Random(1).shuffle(order)  # a shuffled minibatch, as grpo_step makes it
-    total, stats = minibatch_backward(model, trajs, order, mask, adv, old, ref, g)
+    total, stats = minibatch_backward(model, trajs, order, mask, adv, (None if own_old else old, old), ref, g)
     return total, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, len(stats)
 
 
+@pytest.mark.parametrize("own_old", [False, True])
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
-def test_sorted_micro_batches_give_the_full_batch_loss_and_gradients(tiny, loss_type):
+def test_sorted_micro_batches_give_the_full_batch_loss_and_gradients(tiny, loss_type, own_old):
     model = copy.deepcopy(tiny[0]).train()
     trajs, mask, adv, old, ref = random_trajectories(model)
     g = GRPOConfig(loss_type=loss_type, max_new_tokens=16, max_turns=1)
-    loss_full, grad_full, n_full = gradients(model, trajs, mask, adv, old, ref, g, len(trajs))
-    loss_micro, grad_micro, n_micro = gradients(model, trajs, mask, adv, old, ref, g, 2)
+    loss_full, grad_full, n_full = gradients(model, trajs, mask, adv, old, ref, g, len(trajs), own_old)
+    loss_micro, grad_micro, n_micro = gradients(model, trajs, mask, adv, old, ref, g, 2, own_old)
     assert (n_full, n_micro) == (1, 4)
     assert abs(loss_full - loss_micro) < 1e-5, (loss_full, loss_micro)
     assert grad_full.keys() == grad_micro.keys() and grad_full
@@ -394,3 +398,74 @@ def test_grpo_logs_the_gap_between_sampler_and_training_pass(tiny):
         gaps[dtype] = (metrics["logp_gap"], metrics["logp_gap_max"])
     assert gaps[torch.float32][1] < 1e-4  # one policy: only float rounding
     assert 1e-4 < gaps[torch.bfloat16][0] < 0.05 and gaps[torch.bfloat16][1] > gaps[torch.float32][1]
+
+
+def test_tis_loss_by_hand_and_bounded_where_the_sampler_is_far_off(tiny):
+    """Under TIS a step's only update has rho = 1 (old = the pass's own log-probs), so each token's
+    policy loss is -w A with w = min(exp(logp - sampler_logp), cap), and its gradient -w A grad logp.
+    Without TIS, a token the sampler thought 5 nats less likely than the trainer does (with A < 0)
+    weighs e^5 in the gradient; with TIS at most cap."""
+    model = copy.deepcopy(tiny[0]).train()
+    trajs, mask, adv, _, _ = random_trajectories(model, n=4)
+    width = mask.shape[1]
+    with torch.no_grad():
+        own = batched_logprobs(model, trajs, len(trajs))
+    sampler = own + 0.4 * torch.randn(own.shape, generator=torch.Generator().manual_seed(3)) * mask
+    sampler[0, -1] = own[0, -1] - 5.0  # the sampler's far-off token
+    adv = adv.abs() * -1  # every advantage negative: the side PPO's clip leaves open
+    g = GRPOConfig(loss_type="dapo", max_new_tokens=16, max_turns=1, kl_coef=0.0, importance_sampling_cap=2.0)
+    cols = slice(0, width)
+    model.zero_grad(set_to_none=True)
+    loss, stats = grpo.policy_loss(model, trajs, cols, mask, adv, (None, sampler), None, g, 1.0)
+    w = torch.exp(own - sampler).clamp(max=2.0)
+    assert w[0, -1] == 2.0 and (w * mask).min() < 1.0  # capped, and below 1 elsewhere
+    by_hand = (-w * adv * mask).sum() / mask.sum()
+    assert abs(loss.item() - by_hand.item()) < 1e-5
+    # the gradient: -w A grad logp, from an independent pass
+    loss.backward()
+    tis = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    logp, _ = completion_logprobs(model, trajs)
+    ((-w * adv * logp * mask).sum() / mask.sum()).backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(tis[n], p.grad, atol=1e-6, rtol=1e-4)
+    # without TIS the far-off token's ratio is e^5 and the loss follows it; with TIS it stays bounded
+    g.importance_sampling_correction = False
+    model.zero_grad(set_to_none=True)
+    plain, _ = grpo.policy_loss(model, trajs, cols, mask, adv, (sampler, sampler), None, g, 1.0)
+    r = torch.exp(own - sampler)
+    plain_by_hand = (-torch.min(r * adv, r.clamp(0.8, 1.2) * adv) * mask).sum() / mask.sum()
+    assert abs(plain.item() - plain_by_hand.item()) < 1e-4 * plain_by_hand.item()
+    assert plain.item() > 3 * loss.item() > 0
+    assert loss.item() <= 2.0 * (-adv * mask).sum().item() / mask.sum().item() + 1e-6
+
+
+def test_tis_with_several_updates_takes_old_logprobs_from_one_more_pass(tiny, monkeypatch):
+    """num_iterations 2: TIS needs the old log-probs before the first update, from one no-grad pass
+    (without TIS, or with one update, there is none)."""
+    from steprl.rollout import native
+    from steprl.rollout.chat import tool_setup
+    from steprl.runtime import Runtime
+    from steprl.training.policy import Policy
+    from steprl.training.rl import RLState
+
+    counts = {}
+    for tis in (True, False):
+        model, tok, task = copy.deepcopy(tiny[0]), tiny[1], tiny[2]
+        g = GRPOConfig(prompts_per_step=2, num_generations=2, max_new_tokens=4, max_turns=1, minibatch_size=4,
+                       micro_batch_size=2, num_iterations=2, kl_coef=0.0, lora=LoraConfig(enabled=False),
+                       importance_sampling_correction=tis)
+        calls = []
+        real = grpo.batched_logprobs
+        monkeypatch.setattr(grpo, "batched_logprobs", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+        tools, renderer, suffix = tool_setup(task, tok)
+        params = [p for p in model.parameters() if p.requires_grad]
+        policy = Policy(model, tok, None, "", params, torch.optim.AdamW(params, lr=1e-3), None)
+        state = RLState(g, policy, Runtime(torch.device("cpu"), "fp32"), native.NativeEngine(model, tok), task,
+                        tools, renderer, suffix, task.problems("train", 10, seed=0),
+                        generator=torch.Generator().manual_seed(0), rng=random.Random(0))
+        metrics, _ = grpo.grpo_step(state)
+        counts[tis] = len(calls)
+        assert metrics["logp_gap_max"] < 1e-4  # fp32 sampler and trainer: one policy
+    assert counts == {True: 1, False: 0}

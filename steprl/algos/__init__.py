@@ -19,6 +19,7 @@ from steprl.algos.losses import (
     kl_penalty,
     logprobs_and_entropy,
     token_logprobs,
+    truncated_is_weight,
 )
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "entropy_from_logits",
     "token_logprobs",
     "logprobs_and_entropy",
+    "truncated_is_weight",
     "FixedKLController",
     "AdaptiveKLController",
 ]

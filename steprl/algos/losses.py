@@ -61,6 +61,19 @@ def clipped_surrogate(
     return -torch.min(unclipped, clipped)
 
 
+def truncated_is_weight(old_logp: torch.Tensor, sampler_logp: torch.Tensor, cap: float = 2.0) -> torch.Tensor:
+    """Truncated importance weight of each token for a sampler whose arithmetic is not the
+    trainer's (bf16 rounding, other kernels), no gradient:
+
+        w = min(pi_old / pi_sampler, cap) = min(exp(old_logp - sampler_logp), cap)
+
+    The sampler's log-probs as PPO's old log-probs would make rho = pi / pi_sampler, unbounded
+    where the two disagree on a token with A < 0 (the clip bounds rho only on the side that
+    helps); with the trainer's own old log-probs rho starts at 1 and w, bounded by `cap`,
+    carries the mismatch (TIS)."""
+    return torch.exp(old_logp - sampler_logp).clamp(max=cap).detach()
+
+
 def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, kind: str = "grpo", max_len=None) -> torch.Tensor:
     """Reduce a [B, T] per-token loss to a scalar over the tokens where mask [B, T] is set.
 

@@ -1,14 +1,17 @@
 """Stage `grpo`: GRPO on multi-turn tool episodes. One step, top to bottom:
 
  1. rollout   sample G episodes for each of P prompts (turns batched, tools run between turns);
-              keep each sampled token's log-prob: it is the "old" log-prob, no extra pass needed.
+              keep each sampled token's log-prob (the sampler's).
  2. rewards   per-turn rewards r_t from the environment (correct answer, tool success, format);
               credit "trajectory": R = sum_t gamma^t r_t for every token of the episode;
               credit "turn": G_t = sum_{k>=t} gamma^(k-t) r_k for the tokens of turn t.
  3. advantage A = (R - mean_group) / (std_group + 1e-4)   (scale_rewards: group | batch | none)
- 4. loss      per trained token: -min(rho A, clip(rho, 1-eps, 1+eps_high) A) + kl_coef * KL_k3(pi || pi_ref),
+ 4. loss      per trained token: -w min(rho A, clip(rho, 1-eps, 1+eps_high) A) + kl_coef * KL_k3(pi || pi_ref),
               rho = exp(logp - old_logp); aggregated per sequence ("grpo"), per token ("dapo")
               or by a constant ("dr_grpo"); observation tokens (mask 0) never count.
+              importance_sampling_correction (TIS): old_logp is the training pass's own, before the
+              step's first update, and w = min(exp(old_logp - sampler_logp), cap) corrects for the
+              sampler's arithmetic (bf16, other kernels); without it, old_logp = sampler_logp, w = 1.
  5. update    num_iterations passes over the batch in minibatches, gradient clipping. A minibatch
               runs in micro-batches of similar length (sorted by prompt + completion), so that
               left-padding each to its longest costs little; the prompts' common beginning runs
@@ -26,7 +29,7 @@ from contextlib import nullcontext
 import torch
 
 from steprl.algos import (aggregate_loss, clipped_surrogate, group_advantages, kl_penalty, trajectory_returns,
-                          turn_level_group_advantages)
+                          truncated_is_weight, turn_level_group_advantages)
 from steprl.config import RunConfig
 from steprl.monitor.autofix import micro_batch
 from steprl.rewards import add_final_rewards, resolve_rewards
@@ -36,7 +39,8 @@ from steprl.rollout.episodes import Trajectory
 from steprl.runtime import setup_runtime
 from steprl.tasks import get_task
 from steprl.training.common import Timer, stage_dir
-from steprl.training.passes import Beginning, by_length, completion_logprobs, reference_logprobs, right_aligned
+from steprl.training.passes import (REFERENCE_BATCHES, Beginning, batched_logprobs, by_length, completion_logprobs,
+                                    reference_logprobs, right_aligned)
 from steprl.training.policy import setup_policy
 from steprl.training.rl import (RLState, accumulation_scale, clipped_tokens, episode_metrics, live_settings, rollout,
                                 sampler_gap, train_rl)
@@ -77,12 +81,17 @@ def grpo_step(state: RLState) -> tuple[dict, list[Trajectory]]:
     #    to the last turn: r_{T-1} += sum_f w_f f(...)
     reward_metrics = add_final_rewards(state.reward_fns, trajs)
 
-    # 3. advantages per token; the sampling log-probs are the old log-probs (no forward pass,
-    #    whatever num_iterations); the reference pass only when the KL term counts
+    # 3. advantages per token; the old log-probs: the sampler's, or under TIS the training pass's,
+    #    which a step of one update takes from its own pass (None here) and others from one more
+    #    pass; the reference pass only when the KL term counts
     width = max(len(t.ids) for t in trajs)
     advantages = token_advantages(trajs, g, width, device, state.runtime)
-    old_logp = right_aligned([t.logps for t in trajs], width, device=device)
+    sampler_logp = right_aligned([t.logps for t in trajs], width, device=device)
     mask = right_aligned([t.mask for t in trajs], width, device=device)
+    old_logp = None if g.importance_sampling_correction else sampler_logp
+    if g.importance_sampling_correction and (g.num_iterations > 1 or state.minibatch_size < len(trajs)):
+        with state.runtime.autocast():
+            old_logp = batched_logprobs(model, trajs, REFERENCE_BATCHES * micro_batch(g), g.temperature)
     ref_logp = None
     if g.kl_coef > 0:
         with state.runtime.autocast():
@@ -100,8 +109,8 @@ def grpo_step(state: RLState) -> tuple[dict, list[Trajectory]]:
             mb_idx = order[lo:lo + state.minibatch_size]
             optimizer.zero_grad(set_to_none=True)
             mb_tokens = rt.sum(float(mask[mb_idx].sum())) / rt.world_size  # dapo's token mean is the launch's
-            done = minibatch_backward(model, trajs, mb_idx, mask, advantages, old_logp, ref_logp, g, rt.autocast,
-                                      mb_tokens)
+            done = minibatch_backward(model, trajs, mb_idx, mask, advantages, (old_logp, sampler_logp), ref_logp,
+                                      g, rt.autocast, mb_tokens)
             # every micro-batch finite on every rank: average over ranks, clip and apply
             if rt.sync_gradients(state.policy.params, done is not None):
                 total, micro_stats = done
@@ -151,7 +160,8 @@ def token_advantages(trajs: list[Trajectory], g, width: int, device=None, runtim
 
 def minibatch_backward(model, trajs, mb_idx, mask, advantages, old_logp, ref_logp, g, autocast=nullcontext,
                        mb_tokens: float | None = None):
-    """Accumulate the gradient of one minibatch's loss, micro-batch by micro-batch.
+    """Accumulate the gradient of one minibatch's loss, micro-batch by micro-batch. `old_logp`:
+    (old log-probs or None for the pass's own, the sampler's log-probs) as `policy_loss` takes them.
 
     The micro-batches are cut from the minibatch sorted by length (`by_length`), not in its shuffled
     order: which trajectories form the minibatch, and each one's weight in its loss, do not change,
@@ -171,7 +181,8 @@ def minibatch_backward(model, trajs, mb_idx, mask, advantages, old_logp, ref_log
         cols = slice(width - max(len(t.ids) for t in mb), width)
         scale = accumulation_scale(g, mask[idx], mask[mb_idx], mb_tokens)
         with autocast():
-            loss, s = policy_loss(model, mb, cols, mask[idx], advantages[idx], old_logp[idx],
+            old = tuple(None if x is None else x[idx] for x in old_logp)
+            loss, s = policy_loss(model, mb, cols, mask[idx], advantages[idx], old,
                                   None if ref_logp is None else ref_logp[idx], g, scale, beginning.of())
         if not torch.isfinite(loss):
             return None
@@ -184,11 +195,17 @@ def minibatch_backward(model, trajs, mb_idx, mask, advantages, old_logp, ref_log
 
 
 def policy_loss(model, mb, cols, mask, advantages, old_logp, ref_logp, g, scale: float, beginning=None):
-    """Loss of one micro-batch (already scaled for gradient accumulation) and its statistics."""
+    """Loss of one micro-batch (already scaled for gradient accumulation) and its statistics.
+    `old_logp` = (old, sampler): the ratio's old log-probs (None: this pass's own, detached: the
+    step's only update) and the sampler's, which TIS weights by."""
     logp, entropy = completion_logprobs(model, mb, with_entropy=True, temperature=g.temperature,
                                         beginning=beginning)
-    m, a, old = mask[:, cols], advantages[:, cols], old_logp[:, cols]
+    old, sampled = old_logp
+    m, a, sampled = mask[:, cols], advantages[:, cols], sampled[:, cols]
+    old = logp.detach() if old is None else old[:, cols]
     per_token = clipped_surrogate(logp, old, a, g.epsilon, clip_eps_high=g.epsilon_high)
+    if g.importance_sampling_correction:
+        per_token = per_token * truncated_is_weight(old, sampled, g.importance_sampling_cap)
     kl = torch.zeros_like(logp)
     if ref_logp is not None:
         kl = kl_penalty(logp, ref_logp[:, cols], g.kl_estimator)
@@ -197,5 +214,5 @@ def policy_loss(model, mb, cols, mask, advantages, old_logp, ref_logp, g, scale:
     n_tok = m.sum().clamp(min=1)
     clipped = clipped_tokens(logp, old, a, g)
     stats = {"kl": float((kl.detach() * m).sum() / n_tok), "entropy": float((entropy * m).sum() / n_tok),
-             "clip_ratio": float((clipped.float() * m).sum() / n_tok), **sampler_gap(logp, old, m)}
+             "clip_ratio": float((clipped.float() * m).sum() / n_tok), **sampler_gap(logp, sampled, m)}
     return loss, stats

@@ -1,11 +1,13 @@
 """Stage `ppo`: PPO with a learned value model on multi-turn tool episodes. One step, top to bottom:
 
  1. rollout   P prompts x G episodes (G = num_generations, 1 by default), turns batched, tools run
-              between turns; each sampled token keeps its log-prob: the "old" log-prob.
+              between turns; each sampled token keeps its log-prob (the sampler's).
  2. scores    per-turn rewards r_t from the environment (+ config reward functions or a reward
-              model, added to the last turn); reference log-probs (adapters disabled, or a frozen
-              copy; skipped when kl_coef is 0 and the controller is fixed); values V_j of the
-              critic at every action token j (the state just before token j is sampled).
+              model, added to the last turn); the old log-probs: the training pass's own under
+              importance_sampling_correction (one no-grad pass), else the sampler's; reference
+              log-probs (adapters disabled, or a frozen copy; skipped when kl_coef is 0 and the
+              controller is fixed); values V_j of the critic at every action token j (the state
+              just before token j is sampled).
  3. rewards   on action tokens only (observation tokens are the environment's move, not the
               agent's: they get no reward, no advantage, no value loss):
                 credit "trajectory": R = sum_t gamma^t r_t on the episode's last token;
@@ -20,8 +22,9 @@
                 A_j = r_t + gamma V(s_{t+1}) - V_j + gamma lambda A(s_{t+1})
               turn-level GAE (gamma and lambda act between turns, not tokens), each token
               baselined by its own value. Value targets R_j = A_j + V_j; advantages whitened.
- 5. loss      per action token: clipped_surrogate(logp, old, A) [+ beta KL_est(pi || ref) when not
-              kl_in_reward], aggregated by loss_type; + vf_coef * token-mean of clipped_value_loss.
+ 5. loss      per action token: w clipped_surrogate(logp, old, A) [+ beta KL_est(pi || ref) when not
+              kl_in_reward], aggregated by loss_type; + vf_coef * token-mean of clipped_value_loss;
+              w = min(exp(old - sampler), cap) under importance_sampling_correction (TIS), else 1.
  6. update    num_iterations epochs over minibatches, gradient clipping (policy and critic apart),
               then the KL controller: fixed, or adaptive
                 beta <- beta * (1 + clip(KL / target_kl - 1, -0.2, 0.2) * episodes / kl_horizon).
@@ -45,7 +48,8 @@ import random
 import torch
 
 from steprl.algos import (AdaptiveKLController, FixedKLController, aggregate_loss, clipped_surrogate,
-                          clipped_value_loss, discounted_returns, gae, kl_penalty, masked_mean, masked_whiten)
+                          clipped_value_loss, discounted_returns, gae, kl_penalty, masked_mean, masked_whiten,
+                          truncated_is_weight)
 from steprl.config import RunConfig
 from steprl.monitor.autofix import micro_batch
 from steprl.rewards import add_final_rewards, resolve_rewards
@@ -55,7 +59,7 @@ from steprl.rollout.episodes import Trajectory
 from steprl.runtime import setup_runtime
 from steprl.tasks import get_task
 from steprl.training.common import Timer, stage_dir
-from steprl.training.passes import reference_logprobs, right_aligned
+from steprl.training.passes import REFERENCE_BATCHES, batched_logprobs, reference_logprobs, right_aligned
 from steprl.training.policy import setup_policy
 from steprl.training.rl import (RLState, accumulation_scale, clipped_tokens, episode_metrics, live_settings, rollout,
                                 sampler_gap, train_rl)
@@ -119,9 +123,11 @@ def ppo_step(state: RLState) -> tuple[dict, list[Trajectory]]:
     reward_metrics = add_final_rewards(state.reward_fns, trajs)
     width = max(len(t.ids) for t in trajs)
     mask = right_aligned([t.mask for t in trajs], width, device=device)
-    old_logp = right_aligned([t.logps for t in trajs], width, device=device)
-    ref_logp = None
+    sampler_logp = right_aligned([t.logps for t in trajs], width, device=device)
+    old_logp, ref_logp = sampler_logp, None
     with autocast():
+        if p.importance_sampling_correction:  # the training pass's own, before any update (see grpo.py)
+            old_logp = batched_logprobs(model, trajs, REFERENCE_BATCHES * micro, p.temperature)
         if state.extra["use_ref"]:
             ref_logp = reference_logprobs(model, state.policy.ref_model, trajs, micro, p.temperature)
         old_values = batched(critic if critic is not None else (lambda mb: policy_forward(model, mb, head)[2]),
@@ -160,8 +166,10 @@ def ppo_step(state: RLState) -> tuple[dict, list[Trajectory]]:
                     if critic is not None:
                         values = critic(mb)
                 values = values.float()
-                m, a, old = mask[idx, cols], advantages[idx, cols], old_logp[idx, cols]
+                m, a, old, sampled = mask[idx, cols], advantages[idx, cols], old_logp[idx, cols], sampler_logp[idx, cols]
                 per_token = clipped_surrogate(logp, old, a, p.epsilon, clip_eps_high=p.epsilon_high)
+                if p.importance_sampling_correction:
+                    per_token = per_token * truncated_is_weight(old, sampled, p.importance_sampling_cap)
                 if ref_logp is not None and not p.kl_in_reward:
                     per_token = per_token + p.kl_coef * kl_penalty(logp, ref_logp[idx, cols], p.kl_estimator)
                 # each part weighted by its share of the minibatch, so the accumulated gradient is the minibatch's
@@ -180,7 +188,7 @@ def ppo_step(state: RLState) -> tuple[dict, list[Trajectory]]:
                 stats["entropy"].append(float(masked_mean(entropy, m)))
                 stats["clip_ratio"].append(float(masked_mean(clipped_tokens(logp, old, a, p).float(), m)))
                 if not stats["grad_norm"]:  # sampler vs trainer: only before the first update
-                    for key, value in sampler_gap(logp, old, m).items():
+                    for key, value in sampler_gap(logp, sampled, m).items():
                         stats[key].append(value)
             # every micro-batch finite on every rank: average over ranks, clip (policy and critic apart), apply
             if rt.sync_gradients(list({id(q): q for q in policy_params + value_params}.values()), finite):

@@ -27,13 +27,19 @@ What makes it faster than a plain loop (every trick keeps the computation exact)
 """
 from __future__ import annotations
 
+import inspect
 import weakref
 from dataclasses import dataclass
 
 import torch
+from transformers import LlamaForCausalLM
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from steprl.rollout.decoder import FUSED_ATTENTION, LlamaDecoder
+
+# the forward's name for the KV cache, in and out: transformers 5 renamed past_key_values to cache
+# (the old name warns, and goes in 5.40)
+CACHE = "cache" if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 @dataclass
@@ -337,7 +343,7 @@ def extend(model, cache, seqs: list[list[int]], past: torch.Tensor, pad_id: int 
         cache.batch_select_indices(torch.zeros(len(seqs), dtype=torch.long, device=past.device))
     attn = torch.cat([past, mask], dim=1)
     positions = positions + past.sum(-1, keepdim=True)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=cache,
+    out = model(input_ids=ids, attention_mask=attn, position_ids=positions, **{CACHE: cache},
                 use_cache=True, logits_to_keep=keep)
     return out.logits, attn, positions
 
@@ -442,7 +448,7 @@ class NativeSession:
             self.logits = self.decoder.step(new, self.next_pos, self.cache, self.mask[:, :width + t + 1], self.shared)
         else:
             out = self.model(input_ids=new[:, None], attention_mask=self.mask[:, :width + t + 1],
-                             position_ids=self.next_pos[:, None], past_key_values=self.cache, use_cache=True)
+                             position_ids=self.next_pos[:, None], **{CACHE: self.cache}, use_cache=True)
             self.logits = out.logits[:, -1]
         self.next_pos = self.next_pos + 1
         self.t += 1

@@ -16,7 +16,7 @@ from steprl.algos import entropy_from_logits, logprobs_and_entropy, token_logpro
 from steprl.models.loading import is_peft
 from steprl.models.mapped import release_reference
 from steprl.rollout.episodes import Trajectory
-from steprl.rollout.sampling import common_prefix, extend, left_pad
+from steprl.rollout.sampling import CACHE, common_prefix, extend, left_pad
 
 REFERENCE_BATCHES = 4  # training micro-batches per reference pass (see reference_logprobs)
 
@@ -132,7 +132,7 @@ class Beginning:
     def keys_values(self, model) -> list[tuple]:
         out = model(input_ids=torch.tensor([self.ids], device=next(model.parameters()).device), use_cache=True,
                     logits_to_keep=1)
-        return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return [(layer.keys, layer.values) for layer in getattr(out, CACHE).layers]
 
     def of(self):
         """The `beginning` argument of completion_logits (None when there is none)."""
