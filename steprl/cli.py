@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _which_process() -> str:
-    """" (rank 1 of 2)" inside a multi-process launch, "" otherwise."""
+    """The suffix ' (rank 1 of 2)' inside a multi-process launch, '' otherwise."""
     world = os.environ.get("WORLD_SIZE", "1")
     return f" (rank {os.environ.get('RANK', '?')} of {world})" if world != "1" else ""
 
