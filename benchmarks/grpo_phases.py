@@ -3,6 +3,7 @@
 4 generations, <= 64 new tokens, kl_coef 0.04), each phase timed and its peak RSS read.
 
     python benchmarks/grpo_phases.py [--full] [--steps 5] [--micro-batch 4] [--release-memory] [--default-malloc]
+                                     [--precision bf16]
 
 Phases: rollout (prefill + decode), reference (the KL reference's log-probs), forward (the
 training forward, inside forward+backward), forward+backward, optimizer. The first step is a
@@ -97,6 +98,8 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=0, help="micro_batch_size (0: the 16 sequences in one pass)")
     ap.add_argument("--release-memory", action="store_true", help="rollout.release_memory")
     ap.add_argument("--default-malloc", action="store_true")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="bf16: passes under autocast, the rollout decoding in bf16")
     a = ap.parse_args()
     if not a.default_malloc:
         keep_freed_memory()
@@ -108,8 +111,9 @@ def main() -> None:
     phases.wrap(torch.optim.AdamW, "step", "optimizer")
     settings = {"prompts": 4, "generations": 4, "max_new_tokens": 64}
     row = bench.bench_grpo_ours("smollm2", bench.smollm2_factory(), not a.full, settings, a.steps, 1.0,
-                                micro_batch_size=a.micro_batch, release_memory=a.release_memory)
-    print(f"GRPO step, SmolLM2, {'full' if a.full else 'LoRA r16'}, micro-batch {a.micro_batch or 16}, "
+                                micro_batch_size=a.micro_batch, release_memory=a.release_memory,
+                                precision=a.precision)
+    print(f"GRPO step, SmolLM2, {'full' if a.full else 'LoRA r16'}, {a.precision}, micro-batch {a.micro_batch or 16}, "
           f"release_memory {a.release_memory}, "
           f"malloc {'default' if a.default_malloc else 'keep_freed_memory'}")
     print("  step s (after the warm-up): " + ", ".join(f"{t:.2f}" for t in row["step_seconds_all"])
