@@ -144,6 +144,15 @@ def _tail_run(mask: np.ndarray) -> int:
     return n
 
 
+def _trend(y: np.ndarray) -> tuple[float, float, float]:
+    """Least-squares line through y: (rise from first to last point, its standard error, the
+    residual noise per point)."""
+    n, t = len(y), np.arange(len(y), dtype=float)
+    slope, icpt = np.polyfit(t, y, 1)
+    sigma = float(np.sqrt(((y - (slope * t + icpt)) ** 2).sum() / max(1, n - 2)))
+    return float(slope) * (n - 1), sigma / math.sqrt(float(((t - t.mean()) ** 2).sum())) * (n - 1), sigma
+
+
 def _adjust(ctx: dict, changes: list[tuple[str, object, str]]) -> tuple[list[str], dict]:
     """Scale the run's own hyper-parameters: ("learning_rate", fn, generic text) ->
     "learning_rate 5e-05 -> 1e-05" and fix {"learning_rate": 1e-05}; generic text when unknown."""
@@ -295,13 +304,10 @@ def rule_reward_stagnation(h: _History, final: bool) -> list[Finding]:
     if n < min_n:
         return []
     w = min(n, max(min_n, n // 2))
-    win, t = r[-w:], np.arange(w, dtype=float)
+    win = r[-w:]
     if _saturated(h, int(steps[-w])):
         return []
-    slope, icpt = np.polyfit(t, win, 1)
-    sigma = float(np.sqrt(((win - (slope * t + icpt)) ** 2).sum() / max(1, w - 2)))  # residual noise
-    sxx = float(((t - t.mean()) ** 2).sum())
-    rise, se_rise = float(slope) * (w - 1), sigma / math.sqrt(sxx) * (w - 1)
+    rise, se_rise, sigma = _trend(win)
     k = min(max(10, n // 10), n // 3)
     run_rise = float(win.mean() - r[:k].mean())
     se_run = sigma * math.sqrt(1 / w + 1 / k)
@@ -360,12 +366,8 @@ def _fall_from_start(h: _History, steps: np.ndarray, r: np.ndarray, tol: float, 
     rate too high for it). The linear trend over every step is confidently negative (z 2.58 post
     hoc; 3.5 live, which looks at every step: a flat reward of sd 0.15 reached z 3.0 on one prefix
     of 320) and its fall is meaningful (> tol)."""
-    n, t = len(r), np.arange(len(r), dtype=float)
-    slope, icpt = np.polyfit(t, r, 1)
-    sigma = float(np.sqrt(((r - (slope * t + icpt)) ** 2).sum() / max(1, n - 2)))
-    fall = -float(slope) * (n - 1)
-    se = sigma / math.sqrt(float(((t - t.mean()) ** 2).sum())) * (n - 1)
-    k = max(3, n // 5)
+    rise, se, _ = _trend(r)
+    fall, k = -rise, max(3, len(r) // 5)
     start, end = float(r[:k].mean()), float(r[-k:].mean())
     if fall <= max((2.58 if final else 3.5) * se, tol) or start - end <= tol:
         return []
