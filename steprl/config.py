@@ -89,6 +89,10 @@ class SFTConfig:
     max_length: int = 512
     log_every: int = 5
     save_every: int = 50  # optimiser steps between checkpoints a killed run resumes from; 0 = only the final one
+    # reuse freed activations in the heap (memory.keep_freed_memory), as the RL stages do: ~2x faster
+    # steps on short conversations (SmolLM2 on calc: 4.5 s against 9.5 s); off by default because
+    # conversations of varied lengths fragment the untrimmed heap (SmolLM2 on GSM8K: 11 -> 17 GB in 40 steps)
+    keep_freed_memory: bool = False
     lora: LoraConfig = field(default_factory=lambda: LoraConfig(enabled=True))
 
 
@@ -241,6 +245,9 @@ class RuntimeConfig:
     # bf16 = autocast with fp32 master weights and optimizer state; log-probs from fp32 logits
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
     threads: int = 0  # torch threads on the CPU; 0 = all cores
+    # 1 = ZeRO stage 1 on a multi-process launch: each rank keeps the AdamW moments of 1/world_size
+    # of the parameters (torch's ZeroRedundancyOptimizer); 0 = every rank keeps all of them
+    zero_stage: Literal[0, 1] = 0
 
 
 @dataclass

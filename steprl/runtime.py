@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from steprl.config import RunConfig
 from steprl.memory import keep_freed_memory
@@ -47,6 +48,7 @@ class Runtime:
     seed: int = 0
     rank: int = 0
     world_size: int = 1
+    zero_stage: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -63,6 +65,15 @@ class Runtime:
         return self.precision if asked == "auto" else asked
 
     # ------------------------------------------------------------ data parallel (identity on one process)
+
+    def adamw(self, params, **kwargs) -> torch.optim.Optimizer:
+        """torch's AdamW; under `zero_stage: 1` on several processes, ZeRO stage 1: each rank keeps
+        the moments of its 1/world_size of the parameters, updates them and broadcasts them
+        (torch's ZeroRedundancyOptimizer, after sync_gradients has averaged every gradient).
+        Its state_dict needs `consolidate_state_dict` on every rank first (save_resumable does it)."""
+        if self.zero_stage == 1 and self.world_size > 1:
+            return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **kwargs)
+        return torch.optim.AdamW(params, **kwargs)
 
     def rank_seed(self, seed: int) -> int:
         """The seed of this rank's sampling: rank 0 keeps `seed`, the others their own streams."""
@@ -158,6 +169,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def refuse_sharded_launch() -> None:
+    """`accelerate launch` with an FSDP or DeepSpeed config asks for sharded parameters, which steprl
+    does not do; it says so instead of silently running data parallel with whole copies."""
+    for var, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(var, "").lower() in ("1", "true"):
+            raise ValueError(f"accelerate asked for {what}, which steprl does not run: launch with "
+                             f"configs/accelerate/multi_gpu.yaml, and set runtime.zero_stage=1 to shard "
+                             f"the optimizer state (docs/scaling.md)")
+
+
 def is_main_process() -> bool:
     """Rank 0 of a launch, or the only process."""
     return int(os.environ.get("RANK", 0)) == 0
@@ -234,6 +255,7 @@ def setup_runtime(cfg: RunConfig) -> Runtime:
         torch.set_num_threads(r.threads)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    refuse_sharded_launch()
     device = resolve_device(r.device)
     if device.type == "cpu":
         keep_freed_memory()  # training passes reuse freed activations instead of page-faulting fresh ones
@@ -241,4 +263,4 @@ def setup_runtime(cfg: RunConfig) -> Runtime:
     precision = [resolve_precision(r.precision, device) if rank == 0 else None]
     if world > 1:  # rank 0's measurement decides for all: ranks that disagreed would not be data parallel
         dist.broadcast_object_list(precision, src=0)
-    return Runtime(device, precision[0], cfg.seed, rank, world)
+    return Runtime(device, precision[0], cfg.seed, rank, world, r.zero_stage)

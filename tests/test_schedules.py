@@ -1,5 +1,6 @@
 """LR schedules, against values computed by hand; the allocator setting of the RL recipes."""
 import math
+import os
 import subprocess
 import sys
 
@@ -59,3 +60,24 @@ def test_keep_freed_memory_keeps_a_large_freed_tensor_resident():
         released[keep, own, undo] = int(out.stdout.strip())
     assert released[False, False, False] > 60e6 and released[True, False, False] < 4e6, released
     assert released[True, True, False] > 60e6 and released[True, False, True] > 60e6, released
+
+
+SFT_MODE = """
+import sys
+from steprl import memory
+from steprl.cli import main
+out, model, keep = sys.argv[1:4]
+assert main(["run", "configs/toy.yaml", "name=t", "stages=[sft]", "eval_after=[]", "report_to=[]", "output_dir=" + out,
+             "model.name_or_path=" + model, "sft.n_examples=8", "sft.epochs=1", "sft.keep_freed_memory=" + keep]) == 0
+print(memory._keeping)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.parametrize("keep", ["true", "false"])
+def test_sft_runs_under_the_malloc_setting_its_config_names(tiny_dir, tmp_path, keep):
+    """`sft.keep_freed_memory`: the RL stages' setting (true) or glibc's default (false, the default)."""
+    out = subprocess.run([sys.executable, "-c", SFT_MODE, str(tmp_path), str(tiny_dir), keep],
+                         capture_output=True, text=True, env={**os.environ, "STEPRL_NO_PROGRESS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == str(keep == "true")

@@ -138,7 +138,7 @@ class AutoFixer:
         the step was healthy. Returns the actions, for the trainer to record."""
         actions = self.apply(findings, step)
         if self.rolled_back:  # one optimiser holds every group (PPO: the value model's too)
-            optimizer.state.clear()
+            getattr(optimizer, "optim", optimizer).state.clear()  # ZeRO keeps this rank's shard in .optim
             self.rolled_back = False
         if adapt_kl and "kl" in metrics:
             self.adapt_kl(metrics["kl"], n_samples)

@@ -50,8 +50,7 @@ def run(cfg: RunConfig) -> dict:
     rt = setup_runtime(cfg)
     g = live_settings(cfg.grpo)
     ckpt = stage_dir(cfg, "grpo") / "checkpoint"
-    policy = setup_policy(cfg, "grpo", g.lora, g.learning_rate, g.kl_coef > 0 or cfg.doctor.auto_fix, ckpt,
-                          device=rt.device)
+    policy = setup_policy(cfg, "grpo", g.lora, g.learning_rate, g.kl_coef > 0 or cfg.doctor.auto_fix, ckpt, rt=rt)
     task = get_task(cfg.task.name, **cfg.task.args)
     tools, renderer, suffix = tool_setup(task, policy.tokenizer)
     start = policy.state["step"] if policy.state else 0

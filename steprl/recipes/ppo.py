@@ -80,7 +80,7 @@ def run(cfg: RunConfig) -> dict:
         return ValueHead(hidden_size)
 
     policy = setup_policy(cfg, "ppo", p.lora, p.learning_rate, use_ref, ckpt, make_value_model,
-                          p.critic_learning_rate, device=rt.device)
+                          p.critic_learning_rate, rt=rt)
     task = get_task(cfg.task.name, **cfg.task.args)
     tools, renderer, suffix = tool_setup(task, policy.tokenizer)
     start = policy.state["step"] if policy.state else 0

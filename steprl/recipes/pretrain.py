@@ -79,9 +79,8 @@ def run(cfg: RunConfig) -> dict:
     model.to(rt.device).train()
     decay = [q for n, q in model.named_parameters() if q.dim() >= 2]
     no_decay = [q for n, q in model.named_parameters() if q.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": p.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=p.learning_rate, betas=(0.9, 0.95))
+    optimizer = rt.adamw([{"params": decay, "weight_decay": p.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}], lr=p.learning_rate, betas=(0.9, 0.95))
     start = 0
     if state:
         optimizer.load_state_dict(state["optimizer"])

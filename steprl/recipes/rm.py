@@ -201,7 +201,7 @@ def run(cfg: RunConfig) -> dict:
     pad_id = tokenizer.pad_token_id
     score = score_fn(model, pad_id, c.type, c.pooling, reference, c.beta)
     params = [q for q in model.parameters() if q.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=c.learning_rate, weight_decay=c.weight_decay)
+    optimizer = rt.adamw(params, lr=c.learning_rate, weight_decay=c.weight_decay)
     steps_per_epoch = (len(train) + c.batch_size - 1) // c.batch_size
     total = steps_per_epoch * c.epochs
     # a periodic checkpoint holds the trained parameters in its trainer state only; the final one

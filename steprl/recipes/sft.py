@@ -81,10 +81,10 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
 
 def run(cfg: RunConfig) -> dict:
     rt = setup_runtime(cfg)
-    # conversations of every length fragment a heap that is never trimmed: SmolLM2 on GSM8K grew
-    # 0.2 GB a step (8 -> 14 GB in 25 steps, even trimmed every 10); SFT frees its blocks to the OS
-    keep_freed_memory(False)
     s, out = cfg.sft, stage_dir(cfg, "sft")
+    # conversations of every length fragment a heap that is never trimmed: SmolLM2 on GSM8K grew
+    # 0.2 GB a step (8 -> 14 GB in 25 steps, even trimmed every 10); by default SFT frees its blocks to the OS
+    keep_freed_memory(s.keep_freed_memory)
     base = resolve(previous_checkpoint(cfg, "sft"))
     model, tokenizer = load_policy(base)
     task = get_task(cfg.task.name, **cfg.task.args)
@@ -101,7 +101,7 @@ def run(cfg: RunConfig) -> dict:
         model = apply_lora(model, s.lora)
     model.to(rt.device).train()
     params = [q for q in model.parameters() if q.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=s.weight_decay)
+    optimizer = rt.adamw(params, lr=s.learning_rate, weight_decay=s.weight_decay)
     steps_per_epoch = (len(train_set) + s.batch_size - 1) // s.batch_size
     total = steps_per_epoch * s.epochs
     warmup = int(s.warmup_ratio * total) if s.warmup_ratio > 0 else s.warmup_steps

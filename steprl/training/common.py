@@ -49,13 +49,16 @@ def wsd_lr(step: int, total: int, warmup: int, decay_fraction: float = 0.2, min_
     return 1.0 - (1.0 - min_ratio) * min(1.0, progress)
 
 
-def adamw(params, **kwargs) -> torch.optim.AdamW:
+def adamw(params, rt=None, **kwargs) -> torch.optim.Optimizer:
     """AdamW with the fused kernel (one pass over each tensor instead of ~10 foreach kernels):
     0.05 s against 0.86 s per step for SmolLM2's 135M parameters on 2 cores. The update is the
     same up to float rounding. The RL recipes use it; pretrain, SFT and RM keep torch's default
     kernel, because the embedded demo's outcome turned out to hang on that rounding: the same
     pretraining with the fused kernel gave a model whose SFT reached 0.37 instead of 0.84-0.91
-    (docs/experiments.md, "Reproducibility"), and their step is cheap either way."""
+    (docs/experiments.md, "Reproducibility"), and their step is cheap either way. Under
+    `runtime.zero_stage: 1` each rank keeps a shard of the state (`Runtime.adamw`)."""
+    if rt is not None:
+        return rt.adamw(params, fused=True, **kwargs)
     return torch.optim.AdamW(params, fused=True, **kwargs)
 
 
@@ -160,6 +163,8 @@ def save_resumable(ckpt: Path, rt, step: int, optimizer, write_model, *own, extr
     generators) gathered, then rank 0 commits `write_model(directory)` and the trainer state whole.
     Every rank calls it."""
     streams = rt.gather([random_streams(*own)])
+    if hasattr(optimizer, "consolidate_state_dict"):  # ZeRO: every rank sends its shard of the state to rank 0
+        optimizer.consolidate_state_dict(to=0)
     if not rt.is_main:
         return
 

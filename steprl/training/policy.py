@@ -45,14 +45,14 @@ class Policy:
 
 def setup_policy(cfg: RunConfig, stage: str, lora: LoraConfig, learning_rate: float, need_ref: bool,
                  ckpt: Path, value_model: Callable | None = None, value_lr: float | None = None,
-                 device: torch.device | str = "cpu") -> Policy:
+                 rt=None) -> Policy:
     """Load the previous stage's checkpoint, add LoRA (or a frozen reference copy when a KL term
     needs one), build AdamW, and resume from `ckpt` if an interrupted run left its state there.
 
     Under LoRA the reference is the same network with its adapters disabled: no second copy.
     `value_model(model)` (PPO) builds a value model from the loaded network before LoRA goes in,
     so that a separate critic copies the plain trunk; it trains in a second optimiser group at
-    `value_lr`. Everything lands on `device`.
+    `value_lr`. Everything lands on the runtime's device (the CPU without one).
     """
     base = resolve(previous_checkpoint(cfg, stage))
     model, tokenizer = load_policy(base)
@@ -68,6 +68,7 @@ def setup_policy(cfg: RunConfig, stage: str, lora: LoraConfig, learning_rate: fl
         load_weights(model, ckpt)
         if critic is not None:
             critic.load_state_dict(load_file(str(ckpt / VALUE_FILE)))
+    device = rt.device if rt is not None else "cpu"
     model.to(device)
     if critic is not None:
         critic.to(device)
@@ -77,7 +78,7 @@ def setup_policy(cfg: RunConfig, stage: str, lora: LoraConfig, learning_rate: fl
     groups = [{"params": params, "lr": learning_rate}]
     if critic is not None:
         groups.append({"params": list(critic.parameters()), "lr": value_lr or learning_rate})
-    optimizer = adamw(groups, weight_decay=0.0)
+    optimizer = adamw(groups, rt, weight_decay=0.0)
     if state:
         peaks = [group["lr"] for group in optimizer.param_groups]
         optimizer.load_state_dict(state["optimizer"])
