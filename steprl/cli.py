@@ -24,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("model", help="model dir, alias (smollm2), stage dir or run dir")
     ev.add_argument("--task", default="calc")
     ev.add_argument("--data", default=None, help="JSONL of problems (task-specific)")
+    ev.add_argument("--task-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="a task argument, such as tools=false (gsm8k's single-turn arm); overrides a run's own")
     ev.add_argument("--split", default="test")
     ev.add_argument("--limit", type=int, default=300)
     ev.add_argument("--max-turns", type=int, default=3)
@@ -84,12 +86,26 @@ def _run_task_args(path: str, task_name: str) -> dict:
     return {}
 
 
+def _parse_task_args(items: list[str]) -> dict:
+    """--task-arg KEY=VALUE pairs; each value is read as YAML (false, 3, [a, b])."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--task-arg expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def cmd_eval(args) -> int:
     from steprl.models.loading import load_policy
     from steprl.recipes.evaluate import evaluate
     from steprl.tasks import get_task
 
-    task = get_task(args.task, **_run_task_args(args.model, args.task), **({"data": args.data} if args.data else {}))
+    task_args = {**_run_task_args(args.model, args.task), **_parse_task_args(args.task_arg)}
+    task = get_task(args.task, **{**task_args, **({"data": args.data} if args.data else {})})
     from steprl.runtime import resolve_device
 
     model, tokenizer = load_policy(_resolve_eval_model(args.model))

@@ -120,6 +120,25 @@ def test_eval_with_data_reads_the_given_split(tmp_path, tiny, capsys):
     assert result["accuracy_by_steps"]["1"]["n"] == 4
 
 
+def test_eval_takes_task_args_on_the_command_line(monkeypatch, capsys):
+    """`--task-arg tools=false` reaches the task as a YAML value (the single-turn arm of a plain model);
+    a pair without '=' is one line and exit status 2."""
+    import steprl.tasks
+    from steprl.cli import main
+
+    seen = {}
+
+    def fake_get_task(name, **kwargs):
+        seen.update(kwargs, name=name)
+        raise FileNotFoundError("stop here")
+
+    monkeypatch.setattr(steprl.tasks, "get_task", fake_get_task)
+    assert main(["eval", "some_model", "--task", "gsm8k", "--task-arg", "tools=false", "--task-arg", "x=[1, 2]"]) == 2
+    assert seen == {"name": "gsm8k", "tools": False, "x": [1, 2]}
+    assert main(["eval", "some_model", "--task", "gsm8k", "--task-arg", "tools"]) == 2
+    assert "--task-arg expects KEY=VALUE, got 'tools'" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------- the source's rewards
 
 ANSWERS = ["72", "72", "72"]
