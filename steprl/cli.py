@@ -130,17 +130,20 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     from steprl.config import ConfigError
+    from steprl.runtime import leave_process_group
 
     try:
         if args.command == "run":
             from steprl.recipes.pipeline import run
 
             run(_load(args.config, args.overrides))
+            leave_process_group()
         elif args.command in STAGE_COMMANDS:
             from steprl.recipes.pipeline import print_table, run_stage
 
             cfg = _load(args.config, args.overrides)
             print_table({"stages": [run_stage(cfg, args.command)], "wall_seconds": 0.0})
+            leave_process_group()
         elif args.command == "eval":
             return cmd_eval(args)
         elif args.command == "inspect":

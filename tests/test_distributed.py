@@ -28,7 +28,7 @@ import copy, pickle, random, sys, torch
 import steprl.recipes.grpo as grpo
 from steprl.config import LoraConfig, RunConfig, TaskConfig
 from steprl.models.loading import load_policy
-from steprl.runtime import setup_runtime
+from steprl.runtime import leave_process_group, setup_runtime
 from steprl.training.policy import Policy
 from steprl.training.rl import RLState
 
@@ -53,6 +53,7 @@ for loss_type, scale in [("grpo", "group"), ("dapo", "batch")]:
     metrics, _ = grpo.grpo_step(state)
     results[loss_type] = {n: p.detach().clone() for n, p in model.named_parameters()}
 torch.save(results, out_file + str(rt.rank))
+leave_process_group()
 '''
 
 
@@ -141,7 +142,7 @@ from pathlib import Path
 import torch
 from steprl.config import RunConfig, TaskConfig
 from steprl.models.loading import load_policy
-from steprl.runtime import setup_runtime
+from steprl.runtime import leave_process_group, setup_runtime
 from steprl.training.common import load_state, save_resumable
 
 model_dir, out, zero_stage = sys.argv[1:4]
@@ -173,6 +174,7 @@ for batch in batches[1:]:
     step(optimizer, batch)
 torch.save({"params": {n: q.detach().clone() for n, q in model.named_parameters()}, "held": held,
             "saved": len(state["optimizer"]["state"])}, out + str(rt.rank))
+leave_process_group()
 '''
 
 
