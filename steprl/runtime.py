@@ -12,6 +12,7 @@ all-reduce DDP does, called where a recipe needs it:
     rt.sync_gradients(params, ok)      gradients averaged over ranks; False (all skip) if any rank's were not finite
     rt.mean_metrics(metrics)           every logged number averaged over ranks
     rt.gather(items)                   every rank's items, in rank order, on every rank
+    rt.adamw(params, lr=...)           AdamW; under zero_stage 1, its moments split over ranks (ZeRO-1)
 
 With one process each of these returns its input: no process group, no cost.
 
