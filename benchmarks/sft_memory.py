@@ -21,11 +21,9 @@ import time
 import torch
 
 from steprl.config import load_config
-from steprl.envs.tool_env import with_system_suffix
 from steprl.memory import M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, keep_freed_memory
 from steprl.models.loading import apply_lora, load_policy, resolve
-from steprl.recipes.sft import cold_start, collate, sft_loss
-from steprl.rollout.chat import tool_setup
+from steprl.recipes.sft import cold_start, collate, sft_loss, tokenize_conversations
 from steprl.tasks import get_task
 
 CONFIGS = {"calc": "configs/smollm2_calc.yaml", "gsm8k": "configs/gsm8k_smollm2.yaml"}
@@ -50,10 +48,7 @@ def main() -> None:
     s = cfg.sft
     model, tokenizer = load_policy(resolve(cfg.model.name_or_path))
     task = get_task(cfg.task.name, **cfg.task.args)
-    _, renderer, suffix = tool_setup(task, tokenizer)
-    examples = [renderer.conversation_ids(with_system_suffix(c, suffix))
-                for c in cold_start(task, 8 * a.steps, 0.0, seed=0)]
-    examples = [(ids[: s.max_length], m[: s.max_length]) for ids, m in examples]
+    examples = tokenize_conversations(task, tokenizer, cold_start(task, 8 * a.steps, 0.0, seed=0), s.max_length)
     random.Random(0).shuffle(examples)
     model = apply_lora(model, s.lora).train()
     params = [q for q in model.parameters() if q.requires_grad]

@@ -105,7 +105,9 @@ def cmd_eval(args) -> int:
     from steprl.tasks import get_task
 
     task_args = {**_run_task_args(args.model, args.task), **_parse_task_args(args.task_arg)}
-    task = get_task(args.task, **{**task_args, **({"data": args.data} if args.data else {})})
+    if args.data:
+        task_args["data"] = args.data
+    task = get_task(args.task, **task_args)
     from steprl.runtime import resolve_device
 
     model, tokenizer = load_policy(_resolve_eval_model(args.model))

@@ -66,6 +66,14 @@ def cold_start(task, n: int, no_tool_fraction: float, seed: int) -> list[list[di
     return [without_tools(c) if i in direct else c for i, c in enumerate(conversations)]
 
 
+def tokenize_conversations(task, tokenizer, conversations: list[list[dict]], max_length: int):
+    """(ids, mask) per conversation, as rollouts will see it (the same system prompt, tools
+    described), cut at max_length."""
+    _, renderer, suffix = tool_setup(task, tokenizer)
+    examples = [renderer.conversation_ids(with_system_suffix(c, suffix)) for c in conversations]
+    return [(ids[:max_length], mask[:max_length]) for ids, mask in examples]
+
+
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int):
     """Right-padded input_ids, attention_mask and labels (-100 wherever the mask is 0)."""
     width = max(len(ids) for ids, _ in examples)
@@ -90,9 +98,7 @@ def run(cfg: RunConfig) -> dict:
     task = get_task(cfg.task.name, **cfg.task.args)
     conversations = (load_conversations(s.data) if s.data
                      else cold_start(task, s.n_examples, s.no_tool_fraction, seed=cfg.seed))
-    _, renderer, suffix = tool_setup(task, tokenizer)  # the prompt rollouts will show, tools described
-    examples = [renderer.conversation_ids(with_system_suffix(c, suffix)) for c in conversations]
-    examples = [(ids[: s.max_length], m[: s.max_length]) for ids, m in examples]
+    examples = tokenize_conversations(task, tokenizer, conversations, s.max_length)
     random.Random(cfg.seed).shuffle(examples)
     n_eval = max(1, len(examples) // 10) if len(examples) >= 20 else 0
     eval_set, train_set = examples[:n_eval], examples[n_eval:]

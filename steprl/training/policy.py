@@ -45,14 +45,14 @@ class Policy:
 
 def setup_policy(cfg: RunConfig, stage: str, lora: LoraConfig, learning_rate: float, need_ref: bool,
                  ckpt: Path, value_model: Callable | None = None, value_lr: float | None = None,
-                 rt=None) -> Policy:
+                 *, rt) -> Policy:
     """Load the previous stage's checkpoint, add LoRA (or a frozen reference copy when a KL term
     needs one), build AdamW, and resume from `ckpt` if an interrupted run left its state there.
 
     Under LoRA the reference is the same network with its adapters disabled: no second copy.
     `value_model(model)` (PPO) builds a value model from the loaded network before LoRA goes in,
     so that a separate critic copies the plain trunk; it trains in a second optimiser group at
-    `value_lr`. Everything lands on the runtime's device (the CPU without one).
+    `value_lr`. Everything lands on the runtime's device.
     """
     base = resolve(previous_checkpoint(cfg, stage))
     model, tokenizer = load_policy(base)
@@ -68,12 +68,11 @@ def setup_policy(cfg: RunConfig, stage: str, lora: LoraConfig, learning_rate: fl
         load_weights(model, ckpt)
         if critic is not None:
             critic.load_state_dict(load_file(str(ckpt / VALUE_FILE)))
-    device = rt.device if rt is not None else "cpu"
-    model.to(device)
+    model.to(rt.device)
     if critic is not None:
-        critic.to(device)
+        critic.to(rt.device)
     if ref_model is not None:
-        ref_model.to(device)
+        ref_model.to(rt.device)
     params = [q for q in model.parameters() if q.requires_grad]
     groups = [{"params": params, "lr": learning_rate}]
     if critic is not None:
