@@ -174,6 +174,7 @@ for batch in batches[1:]:
     step(optimizer, batch)
 torch.save({"params": {n: q.detach().clone() for n, q in model.named_parameters()}, "held": held,
             "saved": len(state["optimizer"]["state"])}, out + str(rt.rank))
+del optimizer  # before leaving the group, as a recipe's optimizer is gone when the CLI leaves it
 leave_process_group()
 '''
 
