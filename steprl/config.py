@@ -245,9 +245,11 @@ class RuntimeConfig:
     # bf16 = autocast with fp32 master weights and optimizer state; log-probs from fp32 logits
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
     threads: int = 0  # torch threads on the CPU; 0 = all cores
-    # 1 = ZeRO stage 1 on a multi-process launch: each rank keeps the AdamW moments of 1/world_size
-    # of the parameters (torch's ZeroRedundancyOptimizer); 0 = every rank keeps all of them
-    zero_stage: Literal[0, 1] = 0
+    # on a multi-process launch, what each rank keeps 1/world_size of (docs/scaling.md):
+    # 0 = nothing (whole copies), 1 = AdamW's moments (torch's ZeroRedundancyOptimizer, every stage),
+    # 2 / 3 = parameters, gradients and moments (FSDP; pretrain and sft only): 3 frees each block's
+    # gathered weights after its forward, 2 keeps them for the backward
+    zero_stage: Literal[0, 1, 2, 3] = 0
 
 
 @dataclass

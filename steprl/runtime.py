@@ -13,6 +13,7 @@ all-reduce DDP does, called where a recipe needs it:
     rt.mean_metrics(metrics)           every logged number averaged over ranks
     rt.gather(items)                   every rank's items, in rank order, on every rank
     rt.adamw(params, lr=...)           AdamW; under zero_stage 1, its moments split over ranks (ZeRO-1)
+    model = rt.prepare(model)          on the device; under zero_stage 2/3, its parameters split over ranks (FSDP)
 
 With one process each of these returns its input: no process group, no cost.
 
@@ -67,11 +68,79 @@ class Runtime:
 
     # ------------------------------------------------------------ data parallel (identity on one process)
 
+    @property
+    def shards_parameters(self) -> bool:
+        """zero_stage 2 or 3 on several processes: parameters, gradients and moments split over ranks."""
+        return self.zero_stage >= 2 and self.world_size > 1
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model on this process's device; under zero_stage 2 or 3 on several processes, sharded
+        with FSDP (torch's `fully_shard`): each transformer block, then the whole model, is a unit
+        whose parameters are gathered for its forward and backward and whose gradients are
+        reduce-scattered, averaged, as sync_gradients would. Stage 3 frees a block's gathered
+        parameters after its forward (gathered again for the backward), stage 2 keeps them until
+        the backward. Collect the parameters for the optimiser after this: FSDP replaces them."""
+        model.to(self.device)
+        if not self.shards_parameters:
+            return model
+        from torch.distributed.fsdp import fully_shard
+
+        blocks = set(getattr(model, "_no_split_modules", None) or [])  # HF's name for a transformer block
+        units = [m for m in model.modules() if type(m).__name__ in blocks]
+        if not units:
+            raise ValueError(f"runtime.zero_stage={self.zero_stage}: {type(model).__name__} names no transformer "
+                             f"block (_no_split_modules) to shard by; use zero_stage 1")
+        for unit in units:
+            fully_shard(unit, reshard_after_forward=self.zero_stage == 3)
+        # the rest (embeddings, final norm, LM head) stays gathered from the forward to the backward:
+        # the backward starts there, and sft_loss applies the LM head after the forward returns
+        return fully_shard(model, reshard_after_forward=False)
+
+    def full_state_dict(self, model: torch.nn.Module) -> dict | None:
+        """Under sharded parameters, the whole model's state dict, gathered on rank 0 (on the CPU;
+        other ranks get {}); every rank must call it. None otherwise: model.state_dict() is whole."""
+        if not self.shards_parameters:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        whole = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # a tied weight once, under its parameter's name (the LM head that is the embedding), as save_pretrained does
+        names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+        return {k: v for k, v in whole.items() if k in names}
+
+    def optimizer_state_dict(self, model: torch.nn.Module, optimizer) -> dict:
+        """The optimiser's whole state, on rank 0, to be saved; every rank must call it. Under
+        zero_stage 1 rank 0 collects the other ranks' shards; under 2/3 it is keyed by parameter name."""
+        if self.shards_parameters:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            return get_optimizer_state_dict(model, optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if hasattr(optimizer, "consolidate_state_dict"):  # ZeRO-1: every rank sends its shard to rank 0
+            optimizer.consolidate_state_dict(to=0)
+        return optimizer.state_dict() if self.is_main else {}
+
+    def load_optimizer_state(self, model: torch.nn.Module, optimizer, saved: dict) -> None:
+        """Restore what optimizer_state_dict saved (each rank keeps its own share of it)."""
+        by_name = any(isinstance(k, str) for k in saved.get("state", {}))
+        if by_name != self.shards_parameters:
+            raise ValueError("this checkpoint's optimizer state was saved with parameters "
+                             f"{'sharded' if by_name else 'whole'} (runtime.zero_stage), this launch has them "
+                             f"{'sharded' if self.shards_parameters else 'whole'}: resume it with runtime.zero_stage "
+                             f"{'2 or 3 on several processes' if by_name else '0 or 1'}")
+        if self.shards_parameters:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            optimizer.zero_grad(set_to_none=True)  # torch builds the state to fill with a step on zero gradients, only when none are left
+            set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(saved)
+
     def adamw(self, params, **kwargs) -> torch.optim.Optimizer:
         """torch's AdamW; under `zero_stage: 1` on several processes, ZeRO stage 1: each rank keeps
         the moments of its 1/world_size of the parameters, updates them and broadcasts them
         (torch's ZeroRedundancyOptimizer, after sync_gradients has averaged every gradient).
-        Its state_dict needs `consolidate_state_dict` on every rank first (save_resumable does it)."""
+        Under 2/3 the parameters are FSDP's shards already, and so are their moments."""
         if self.zero_stage == 1 and self.world_size > 1:
             return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, **kwargs)
         return torch.optim.AdamW(params, **kwargs)
@@ -99,15 +168,22 @@ class Runtime:
             return 1.0
         return n * self.world_size / max(self.sum(n), 1e-12)
 
-    def sync_gradients(self, params, ok: bool = True) -> bool:
-        """Average the gradients of `params` over ranks, as DDP does after backward. Every rank
-        calls it once per optimiser step; if any rank's loss was not finite, all skip (False)."""
+    def agree(self, ok: bool) -> bool:
+        """True on every rank when it is True on every rank."""
         if self.world_size == 1:
             return ok
         flag = torch.tensor([0.0 if ok else 1.0], device=self.device)
         dist.all_reduce(flag)
-        if flag.item() > 0:
+        return flag.item() == 0
+
+    def sync_gradients(self, params, ok: bool = True) -> bool:
+        """Average the gradients of `params` over ranks, as DDP does after backward. Every rank
+        calls it once per optimiser step; if any rank's loss was not finite, all skip (False).
+        Under sharded parameters FSDP's backward averaged them already."""
+        if not self.agree(ok):
             return False
+        if self.world_size == 1 or self.shards_parameters:
+            return True
         params = [q for q in params if q.requires_grad]
         for q in params:
             if q.grad is None:  # a parameter this rank's batch did not reach still joins the sum
@@ -170,14 +246,43 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def refuse_sharded_launch() -> None:
-    """`accelerate launch` with an FSDP or DeepSpeed config asks for sharded parameters, which steprl
-    does not do; it says so instead of silently running data parallel with whole copies."""
-    for var, what in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(var, "").lower() in ("1", "true"):
-            raise ValueError(f"accelerate asked for {what}, which steprl does not run: launch with "
-                             f"configs/accelerate/multi_gpu.yaml, and set runtime.zero_stage=1 to shard "
-                             f"the optimizer state (docs/scaling.md)")
+SHARDED_STAGES = ("pretrain", "sft")  # the stages that train under zero_stage 2/3 (FSDP)
+
+
+def check_sharded_stages(stages, zero_stage: int) -> None:
+    """Sharded parameters train in pretraining and SFT only; the reward model and the RL stages
+    (their rollout engines read whole weights on every rank) would fail after the stages before
+    them, so a run that asks for them is refused before it starts."""
+    other = [s for s in stages if s not in SHARDED_STAGES]
+    if zero_stage >= 2 and other:
+        raise ValueError(f"runtime.zero_stage={zero_stage} shards parameters in pretrain and sft only, not in "
+                         f"{', '.join(other)}: run those with runtime.zero_stage=1 (docs/scaling.md)")
+
+
+def launch_zero_stage(asked: int) -> int:
+    """The ZeRO stage of this launch: the config's, or the one an `accelerate launch` FSDP config
+    asks for (FULL_SHARD / resharding after forward: 3, SHARD_GRAD_OP: 2, NO_SHARD: 0) when the
+    config leaves it at 0. DeepSpeed, which steprl does not run, is refused in one line."""
+    env = os.environ
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        raise ValueError("accelerate asked for DeepSpeed, which steprl does not run: launch with "
+                         "configs/accelerate/fsdp.yaml (ZeRO-3's counterpart) or multi_gpu.yaml with "
+                         "runtime.zero_stage=1 (docs/scaling.md)")
+    if env.get("ACCELERATE_USE_FSDP", "").lower() not in ("1", "true"):
+        return asked
+    if env.get("FSDP_VERSION") == "2":
+        stage = 2 if env.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() == "false" else 3
+    else:
+        strategy = env.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").upper()
+        stages = {"FULL_SHARD": 3, "1": 3, "SHARD_GRAD_OP": 2, "2": 2, "NO_SHARD": 0, "3": 0}
+        if strategy not in stages:
+            raise ValueError(f"accelerate asked for FSDP's {strategy}, which steprl does not run: "
+                             f"FULL_SHARD, SHARD_GRAD_OP or NO_SHARD (configs/accelerate/fsdp.yaml)")
+        stage = stages[strategy]
+    if asked not in (0, stage):
+        raise ValueError(f"runtime.zero_stage={asked}, but the accelerate config asks for FSDP's stage {stage}: "
+                         f"leave runtime.zero_stage at 0 or make them agree")
+    return stage
 
 
 def is_main_process() -> bool:
@@ -265,7 +370,7 @@ def setup_runtime(cfg: RunConfig) -> Runtime:
         torch.set_num_threads(r.threads)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    refuse_sharded_launch()
+    zero_stage = launch_zero_stage(r.zero_stage)
     device = resolve_device(r.device)
     if device.type == "cpu":
         keep_freed_memory()  # training passes reuse freed activations instead of page-faulting fresh ones
@@ -273,4 +378,4 @@ def setup_runtime(cfg: RunConfig) -> Runtime:
     precision = [resolve_precision(r.precision, device) if rank == 0 else None]
     if world > 1:  # rank 0's measurement decides for all: ranks that disagreed would not be data parallel
         dist.broadcast_object_list(precision, src=0)
-    return Runtime(device, precision[0], cfg.seed, rank, world, r.zero_stage)
+    return Runtime(device, precision[0], cfg.seed, rank, world, zero_stage)

@@ -111,23 +111,28 @@ def test_a_grpo_step_on_two_ranks_equals_one_process_on_the_whole_batch(tiny, ti
             torch.testing.assert_close(ranks[0][loss_type][n], one[loss_type][n], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("zero_stage", [0, 1])
-def test_an_sft_step_on_two_ranks_equals_one_process(tiny_dir, tmp_path, zero_stage):
+@pytest.mark.parametrize("zero_stage,lora", [(0, True), (1, True), (3, True), (2, False), (3, False)])
+def test_an_sft_step_on_two_ranks_equals_one_process(tiny_dir, tmp_path, zero_stage, lora):
     """One SFT step over 16 conversations, 8 per rank: the logged loss is the whole batch's token
-    mean and the adapter equals one process's; metrics are written once. With zero_stage 1 each
-    rank updates its shard of the parameters and broadcasts it."""
+    mean and the trained weights (adapter, or whole model) equal one process's; metrics are written
+    once. With zero_stage 1 each rank updates its shard of the parameters and broadcasts it; with
+    2 and 3 (FSDP) each holds a shard of the weights and the checkpoint gathers them."""
     args = ["-m", "steprl.cli", "run", "configs/toy.yaml", "name=t", "stages=[sft]", "eval_after=[]",
             f"model.name_or_path={tiny_dir}", "sft.n_examples=16", "sft.batch_size=16", "sft.warmup_steps=0",
-            "report_to=[]"]
+            "report_to=[]", f"sft.lora.enabled={str(lora).lower()}"]
     launch([*args, f"output_dir={tmp_path / 'one'}"], world=1)
     launch([*args, f"output_dir={tmp_path / 'two'}", f"runtime.zero_stage={zero_stage}"], world=2)
     rows = {k: [json.loads(x) for x in (tmp_path / k / "t" / "sft" / "metrics.jsonl").read_text().splitlines()]
             for k in ("one", "two")}
     assert [r["step"] for r in rows["two"]] == [1]
     assert rows["two"][0]["loss"] == pytest.approx(rows["one"][0]["loss"], abs=1e-5)
-    one = load_file(str(tmp_path / "one" / "t" / "sft" / "checkpoint" / "adapter_model.safetensors"))
-    two = load_file(str(tmp_path / "two" / "t" / "sft" / "checkpoint" / "adapter_model.safetensors"))
+    name = "adapter_model.safetensors" if lora else "model.safetensors"
+    one = load_file(str(tmp_path / "one" / "t" / "sft" / "checkpoint" / name))
+    two = load_file(str(tmp_path / "two" / "t" / "sft" / "checkpoint" / name))
+    start = load_file(str(tiny_dir / "model.safetensors"))
     assert one.keys() == two.keys() and one
+    if not lora:  # the step moved the weights, for the comparison to see
+        assert max((one[n] - start[n]).abs().max().item() for n in one) > 1e-4
     for n in one:
         torch.testing.assert_close(two[n], one[n], atol=1e-5, rtol=0)
 
@@ -149,7 +154,7 @@ model_dir, out, zero_stage = sys.argv[1:4]
 cfg = RunConfig(task=TaskConfig(name="calc"))
 cfg.runtime.device, cfg.runtime.zero_stage = "cpu", int(zero_stage)
 rt = setup_runtime(cfg)
-model = load_policy(model_dir)[0].train()
+model = rt.prepare(load_policy(model_dir)[0].train())
 params = list(model.parameters())
 gen = torch.Generator().manual_seed(0)
 batches = [torch.randint(4, 300, (4, 12), generator=gen) for _ in range(3)]
@@ -164,47 +169,111 @@ def step(optimizer, batch):
 
 optimizer = rt.adamw(params, lr=0.01)
 step(optimizer, batches[0])
-save_resumable(Path(out + "ckpt"), rt, 1, optimizer, lambda directory: None)
+save_resumable(Path(out + "ckpt"), rt, 1, optimizer, lambda directory, weights: None, model=model)
 rt.barrier()
 state = load_state(Path(out + "ckpt"))
 optimizer = rt.adamw(params, lr=0.01)
-optimizer.load_state_dict(state["optimizer"])
-held = len(getattr(optimizer, "optim", optimizer).state)
+rt.load_optimizer_state(model, optimizer, state["optimizer"])
+moments = [s["exp_avg"] for s in getattr(optimizer, "optim", optimizer).state.values()]
+held = sum(getattr(m, "_local_tensor", m).numel() for m in moments)  # FSDP's DTensor: this rank's shard
 for batch in batches[1:]:
     step(optimizer, batch)
-torch.save({"params": {n: q.detach().clone() for n, q in model.named_parameters()}, "held": held,
-            "saved": len(state["optimizer"]["state"])}, out + str(rt.rank))
+weights = rt.full_state_dict(model) or {n: q.detach().clone() for n, q in model.named_parameters()}
+torch.save({"params": weights, "held": held, "saved": len(state["optimizer"]["state"])}, out + str(rt.rank))
 del optimizer  # before leaving the group, as a recipe's optimizer is gone when the CLI leaves it
 leave_process_group()
 '''
 
 
-def test_zero_stage_1_shards_the_optimizer_and_resumes_like_whole_copies(tiny_dir, tmp_path):
-    """Two ranks under `runtime.zero_stage: 1`: each keeps the AdamW moments of part of the
-    parameters, the checkpoint holds all of them, and after a resume from it both ranks' weights
-    equal those of two ranks that each keep every moment (zero_stage 0), within 1e-6. (Against one
-    process, AdamW's m / sqrt(v) turns the float rounding of a two-rank gradient mean into
-    differences of ~1e-5 on near-zero gradients after three steps.)"""
+@pytest.mark.parametrize("zero_stage", [1, 3])
+def test_zero_stages_shard_the_optimizer_and_resume_like_whole_copies(tiny_dir, tmp_path, zero_stage):
+    """Two ranks under `runtime.zero_stage` 1 (AdamW's moments sharded) or 3 (FSDP: weights,
+    gradients and moments): each rank holds part of the moments, the checkpoint all of them, and
+    after a resume from it the weights equal those of two ranks that each keep everything
+    (zero_stage 0), within 1e-6. (Against one process, AdamW's m / sqrt(v) turns the float rounding
+    of a two-rank gradient mean into differences of ~1e-5 on near-zero gradients after three steps.)"""
     worker = tmp_path / "worker.py"
     worker.write_text(ZERO_WORKER)
     launch([str(worker), str(tiny_dir), str(tmp_path / "whole"), "0"], world=2)
-    launch([str(worker), str(tiny_dir), str(tmp_path / "zero"), "1"], world=2)
+    launch([str(worker), str(tiny_dir), str(tmp_path / "zero"), str(zero_stage)], world=2)
     whole = torch.load(tmp_path / "whole0")
     ranks = [torch.load(tmp_path / f"zero{r}") for r in (0, 1)]
-    n = len(whole["params"])
-    assert whole["held"] == whole["saved"] == n
-    assert ranks[0]["saved"] == n and 0 < ranks[0]["held"] < n and ranks[0]["held"] + ranks[1]["held"] == n
+    n, total = len(whole["params"]), whole["held"]
+    assert whole["saved"] == n and total == sum(v.numel() for v in whole["params"].values())
+    assert ranks[0]["saved"] == n and 0 < ranks[0]["held"] < total and ranks[0]["held"] + ranks[1]["held"] == total
     for name, value in whole["params"].items():
-        assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), name
+        if zero_stage == 1:  # whole copies on both ranks (under FSDP rank 0 alone gathers them)
+            assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), name
         torch.testing.assert_close(ranks[0]["params"][name], value, atol=1e-6, rtol=0)
 
 
-def test_an_fsdp_or_deepspeed_launch_is_refused_in_one_line(monkeypatch):
-    from steprl.config import RunConfig, TaskConfig
-    from steprl.runtime import setup_runtime
+def test_fsdp_pretraining_killed_and_resumed_equals_an_uninterrupted_data_parallel_run(tmp_path):
+    """Pretraining on two ranks under zero_stage 3 (FSDP), killed (SIGKILL, the whole launch) after
+    its first checkpoint and run again: its metrics are steps 1..N exactly once, and the model it
+    saves equals that of an uninterrupted two-rank run with whole copies (zero_stage 0) within 1e-5."""
+    def cmd(out, zero_stage):
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", f"--master_port={free_port()}",
+                "-m", "steprl.cli", "run", "configs/toy.yaml", f"output_dir={out}", "eval_after=[]", "report_to=[]",
+                "stages=[pretrain]", "pretrain.steps=12", "pretrain.save_every=2", "pretrain.log_every=1",
+                "pretrain.eval_every=100", f"runtime.zero_stage={zero_stage}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STEPRL_NO_PROGRESS": "1"}
+    whole = subprocess.run(cmd(tmp_path / "whole", 0), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    out = tmp_path / "fsdp"
+    state = out / "toy" / "pretrain" / "checkpoint" / "trainer_state.pt"
+    proc = subprocess.Popen(cmd(out, 3), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert state.exists(), "pretraining never checkpointed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "toy" / "pretrain" / "done.json").exists()
+    done = subprocess.run(cmd(out, 3), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    steps = [json.loads(x)["step"] for x in (out / "toy" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
+    one = load_file(str(tmp_path / "whole" / "toy" / "pretrain" / "checkpoint" / "model.safetensors"))
+    two = load_file(str(out / "toy" / "pretrain" / "checkpoint" / "model.safetensors"))
+    assert one.keys() == two.keys()
+    for n in one:
+        torch.testing.assert_close(two[n], one[n], atol=1e-5, rtol=0)
+
+
+def test_an_accelerate_launch_asks_for_its_zero_stage_or_is_refused_in_one_line(monkeypatch):
+    from steprl.runtime import check_sharded_stages, launch_zero_stage
+    assert launch_zero_stage(1) == 1  # no accelerate config: the run's own
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    for version, env, stage in [("1", {"FSDP_SHARDING_STRATEGY": "FULL_SHARD"}, 3),
+                                ("1", {"FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"}, 2),
+                                ("2", {"FSDP_RESHARD_AFTER_FORWARD": "true"}, 3),
+                                ("2", {"FSDP_RESHARD_AFTER_FORWARD": "false"}, 2)]:
+        with monkeypatch.context() as m:
+            m.setenv("FSDP_VERSION", version)
+            for k, v in env.items():
+                m.setenv(k, v)
+            assert launch_zero_stage(0) == stage
+            assert launch_zero_stage(stage) == stage
+            with pytest.raises(ValueError, match="make them agree"):
+                launch_zero_stage(1)
+    monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "HYBRID_SHARD")
+    with pytest.raises(ValueError, match="FSDP's HYBRID_SHARD, which steprl does not run"):
+        launch_zero_stage(0)
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     with pytest.raises(ValueError, match="accelerate asked for DeepSpeed, which steprl does not run"):
-        setup_runtime(RunConfig(task=TaskConfig(name="calc")))
+        launch_zero_stage(0)
+    check_sharded_stages(["pretrain", "sft"], 3)
+    check_sharded_stages(["pretrain", "sft", "grpo"], 1)
+    with pytest.raises(ValueError, match="zero_stage=3 shards parameters in pretrain and sft only, not in rm, grpo"):
+        check_sharded_stages(["pretrain", "sft", "rm", "grpo"], 3)
+
+
+def test_a_run_whose_stages_cannot_shard_is_refused_before_it_starts(tmp_path, capsys):
+    from steprl.cli import main
+    assert main(["run", "configs/toy.yaml", f"output_dir={tmp_path}", "runtime.zero_stage=3"]) == 2
+    assert "shards parameters in pretrain and sft only, not in grpo" in capsys.readouterr().err
+    assert not (tmp_path / "toy").exists()
 
 
 def test_torchrun_pipeline_writes_once_and_resumes_after_a_kill(tmp_path):

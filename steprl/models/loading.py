@@ -74,10 +74,12 @@ def unwrap_peft(model):
     return model.get_base_model() if is_peft(model) else model
 
 
-def save_checkpoint(model, tokenizer, directory: Path, base_path: str | None = None) -> None:
-    """Hugging Face format: the full model, or the adapter with an absolute base path."""
+def save_checkpoint(model, tokenizer, directory: Path, base_path: str | None = None,
+                    state_dict: dict | None = None) -> None:
+    """Hugging Face format: the full model, or the adapter with an absolute base path.
+    `state_dict`: the model's whole weights when its own are sharded over ranks (FSDP)."""
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, state_dict=state_dict)
     tokenizer.save_pretrained(directory)
     if is_peft(model) and base_path is not None:
         cfg_path = directory / "adapter_config.json"

@@ -76,14 +76,14 @@ def run(cfg: RunConfig) -> dict:
     train_blocks, eval_blocks = pack(ids[n_eval:], sep, p.seq_len), pack(ids[:n_eval], sep, p.seq_len)[:64]
     train_blocks, eval_blocks = train_blocks.to(rt.device), eval_blocks.to(rt.device)
 
-    model.to(rt.device).train()
+    model = rt.prepare(model).train()  # sharded under zero_stage 2/3: collect the parameters after
     decay = [q for n, q in model.named_parameters() if q.dim() >= 2]
     no_decay = [q for n, q in model.named_parameters() if q.dim() < 2]
     optimizer = rt.adamw([{"params": decay, "weight_decay": p.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}], lr=p.learning_rate, betas=(0.9, 0.95))
     start = 0
     if state:
-        optimizer.load_state_dict(state["optimizer"])
+        rt.load_optimizer_state(model, optimizer, state["optimizer"])
         start = state["step"]
     logger = MetricsLogger(out, "pretrain", report_to=cfg.report_to, live_doctor=cfg.doctor.enabled,
                            doctor_context={"learning_rate": p.learning_rate}, write=rt.is_main)
@@ -96,7 +96,8 @@ def run(cfg: RunConfig) -> dict:
         restore_streams(state, rt.rank, rt.world_size, gen)
 
     def save(step: int) -> None:
-        save_resumable(ckpt, rt, step, optimizer, lambda d: save_checkpoint(model, tokenizer, d), gen)
+        save_resumable(ckpt, rt, step, optimizer,
+                       lambda d, weights: save_checkpoint(model, tokenizer, d, state_dict=weights), gen, model=model)
 
     for step in range(start, p.steps):
         if p.schedule == "wsd":
@@ -110,7 +111,7 @@ def run(cfg: RunConfig) -> dict:
         with rt.autocast():  # HF's loss upcasts the logits to fp32
             loss = forward(input_ids=batch, labels=batch).loss
         optimizer.zero_grad(set_to_none=True)
-        finite = bool(torch.isfinite(loss))
+        finite = rt.agree(bool(torch.isfinite(loss)))  # all ranks run the backward or none: FSDP's is collective
         if finite:
             loss.backward()
         if not rt.sync_gradients(model.parameters(), finite):

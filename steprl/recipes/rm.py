@@ -210,7 +210,7 @@ def run(cfg: RunConfig) -> dict:
     state = load_state(ckpt)
     if state:  # an interrupted run: its weights, optimiser and step
         model.load_state_dict(state["extra"]["weights"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
+        rt.load_optimizer_state(model, optimizer, state["optimizer"])
         start = state["step"]
     logger = MetricsLogger(out, "rm", report_to=cfg.report_to, live_doctor=cfg.doctor.enabled,
                            doctor_context={"learning_rate": c.learning_rate}, write=rt.is_main)
@@ -218,7 +218,7 @@ def run(cfg: RunConfig) -> dict:
     bar = progress_bar(total, f"rm ({c.type}, {'LoRA r=%d' % c.lora.r if c.lora.enabled else 'full'}, "
                               f"{len(train)} pairs, {len(test)} held out)", initial=start)
 
-    def save(step: int, write_model=lambda directory: None) -> None:
+    def save(step: int, write_model=lambda directory, weights: None) -> None:
         save_resumable(ckpt, rt, step, optimizer, write_model, extra={"weights": trainable_weights(model)})
 
     timer, rng, step = Timer(), random.Random(cfg.seed), start
@@ -273,7 +273,7 @@ def run(cfg: RunConfig) -> dict:
     logger.close()
     ev = pairwise_eval(model, score, test, c.eval_batch_size) if test else {"accuracy": 0.0, "n": 0}
 
-    def write_final(directory):
+    def write_final(directory, weights):  # weights: None, the reward model is whole on every rank
         final = model.merge_and_unload() if c.lora.enabled else model
         final.config.steprl_rm_pooling = c.pooling  # RewardModelScorer pools the same way
         final.save_pretrained(directory)

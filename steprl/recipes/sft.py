@@ -105,18 +105,19 @@ def run(cfg: RunConfig) -> dict:
 
     if s.lora.enabled:
         model = apply_lora(model, s.lora)
-    model.to(rt.device).train()
+    ckpt, start = out / "checkpoint", 0
+    state = load_state(ckpt)
+    if state:  # an interrupted run: its weights (before sharding, which splits them), optimiser and step
+        load_weights(model, ckpt)
+        start = state["step"]
+    model = rt.prepare(model).train()
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = rt.adamw(params, lr=s.learning_rate, weight_decay=s.weight_decay)
+    if state:
+        rt.load_optimizer_state(model, optimizer, state["optimizer"])
     steps_per_epoch = (len(train_set) + s.batch_size - 1) // s.batch_size
     total = steps_per_epoch * s.epochs
     warmup = int(s.warmup_ratio * total) if s.warmup_ratio > 0 else s.warmup_steps
-    ckpt, start = out / "checkpoint", 0
-    state = load_state(ckpt)
-    if state:  # an interrupted run: its weights, optimiser and step
-        load_weights(model, ckpt)
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
     logger = MetricsLogger(out, "sft", report_to=cfg.report_to, live_doctor=cfg.doctor.enabled,
                            doctor_context={"learning_rate": s.learning_rate}, write=rt.is_main)
     logger.truncate_after(start + 1)  # a fresh start drops what a killed run logged
@@ -124,7 +125,8 @@ def run(cfg: RunConfig) -> dict:
                               f"{len(train_set)} conversations)", initial=start)
 
     def save(step: int) -> None:
-        save_resumable(ckpt, rt, step, optimizer, lambda d: save_checkpoint(model, tokenizer, d, base_path=base))
+        save_resumable(ckpt, rt, step, optimizer,
+                       lambda d, weights: save_checkpoint(model, tokenizer, d, base, weights), model=model)
 
     timer, rng, step = Timer(), random.Random(cfg.seed), start
     if state:  # last: nothing the setup drew shifts the streams
@@ -145,7 +147,7 @@ def run(cfg: RunConfig) -> dict:
             # the token mean over the whole batch, whichever rank holds which tokens
             loss = loss * rt.weight(float((labels[:, 1:] != -100).sum()) if mine else 0.0)
             optimizer.zero_grad(set_to_none=True)
-            finite = bool(torch.isfinite(loss))
+            finite = rt.agree(bool(torch.isfinite(loss)))  # all ranks run the backward or none: FSDP's is collective
             if finite:
                 loss.backward()
             if not rt.sync_gradients(params, finite):
@@ -182,10 +184,17 @@ def sft_loss(model, ids, attn, labels) -> torch.Tensor:
 
     The vocabulary projection runs only where a label is: prompts, system messages and tool results
     are most of a real conversation's tokens, and their [tokens x vocab] logits (49k wide for
-    SmolLM2) were most of a step's memory and a good part of its time. Logits are fp32 for the loss.
+    SmolLM2) were most of a step's memory and a good part of its time. So the model's own forward
+    projects the last position only and the trunk's hidden states are taken on their way out
+    (through the model's forward, so that FSDP gathers its weights). Logits are fp32 for the loss.
     """
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]
-    target = labels[:, 1:]
+    trunk = []
+    hook = model.get_decoder().register_forward_hook(lambda module, args, out: trunk.append(out.last_hidden_state))
+    try:
+        model(input_ids=ids, attention_mask=attn, logits_to_keep=1)
+    finally:
+        hook.remove()
+    hidden, target = trunk[0][:, :-1], labels[:, 1:]
     keep = target != -100
     logits = model.get_output_embeddings()(hidden[keep]).float()
     return torch.nn.functional.cross_entropy(logits, target[keep])

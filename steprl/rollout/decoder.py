@@ -46,7 +46,9 @@ from steprl.models.loading import unwrap_peft
 SUPPORTED = {"llama", "qwen2", "mistral"}
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
 MKL_PACKED = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
-ONEDNN_PACKED = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+# oneDNN's packed bf16 linear needs AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT: it raises on other CPUs (AVX2 EPYCs)
+ONEDNN_PACKED = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+                 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 # (out, log-normaliser) of softmax(q K^T scale + mask) V in one kernel, private to torch: without it
 # `attend` falls back to matmuls
 FUSED_ATTENTION = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)

@@ -151,26 +151,29 @@ def restore_streams(state: dict, rank: int, world_size: int, *own) -> None:
             g.setstate(s)
 
 
-def save_state(directory: Path, step: int, optimizer, streams: list[dict], extra: dict | None = None) -> None:
-    """Step, optimiser and every rank's random streams (a list of random_streams, in rank order),
-    into a checkpoint directory being written (see commit_checkpoint)."""
-    state = {"step": step, "optimizer": optimizer.state_dict(), "streams": streams, "extra": extra or {}}
+def save_state(directory: Path, step: int, optimizer_state: dict, streams: list[dict], extra: dict | None = None) -> None:
+    """Step, optimiser state and every rank's random streams (a list of random_streams, in rank
+    order), into a checkpoint directory being written (see commit_checkpoint)."""
+    state = {"step": step, "optimizer": optimizer_state, "streams": streams, "extra": extra or {}}
     torch.save(state, directory / STATE_FILE)
 
 
-def save_resumable(ckpt: Path, rt, step: int, optimizer, write_model, *own, extra: dict | None = None) -> None:
+def save_resumable(ckpt: Path, rt, step: int, optimizer, write_model, *own, extra: dict | None = None,
+                   model=None) -> None:
     """A checkpoint a stage resumes from: every rank's random streams (`own`: the stage's own
-    generators) gathered, then rank 0 commits `write_model(directory)` and the trainer state whole.
+    generators) and the optimiser's state gathered, then rank 0 commits `write_model(directory,
+    weights)` and the trainer state whole. `weights` is `model`'s whole state dict when its
+    parameters are sharded over ranks (gathered here), else None (the model holds them whole).
     Every rank calls it."""
     streams = rt.gather([random_streams(*own)])
-    if hasattr(optimizer, "consolidate_state_dict"):  # ZeRO: every rank sends its shard of the state to rank 0
-        optimizer.consolidate_state_dict(to=0)
+    weights = rt.full_state_dict(model) if model is not None else None
+    optimizer_state = rt.optimizer_state_dict(model, optimizer)
     if not rt.is_main:
         return
 
     def write(directory: Path) -> None:
-        write_model(directory)
-        save_state(directory, step, optimizer, streams, extra)
+        write_model(directory, weights)
+        save_state(directory, step, optimizer_state, streams, extra)
 
     commit_checkpoint(ckpt, write)
 

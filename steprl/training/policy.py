@@ -35,9 +35,10 @@ class Policy:
     state: dict | None  # trainer_state.pt of an interrupted run: policy weights and optimiser restored
     value_model: torch.nn.Module | None = None
 
-    def save(self, directory: Path) -> None:
-        """The policy in Hugging Face format (adapter or full model), the value model beside it."""
-        save_checkpoint(self.model, self.tokenizer, directory, base_path=self.base)
+    def save(self, directory: Path, weights: dict | None = None) -> None:
+        """The policy in Hugging Face format (adapter or full model), the value model beside it.
+        (`weights`: save_resumable's; the RL stages keep whole copies, so it is None.)"""
+        save_checkpoint(self.model, self.tokenizer, directory, base_path=self.base, state_dict=weights)
         if self.value_model is not None:
             weights = {k: v.detach().contiguous() for k, v in self.value_model.state_dict().items()}
             save_file(weights, str(directory / VALUE_FILE))
@@ -80,7 +81,7 @@ def setup_policy(cfg: RunConfig, stage: str, lora: LoraConfig, learning_rate: fl
     optimizer = adamw(groups, rt, weight_decay=0.0)
     if state:
         peaks = [group["lr"] for group in optimizer.param_groups]
-        optimizer.load_state_dict(state["optimizer"])
+        rt.load_optimizer_state(model, optimizer, state["optimizer"])
         for group, lr in zip(optimizer.param_groups, peaks):  # the saved lr was scheduled; train_rl scales the peak
             group["lr"] = lr
     return Policy(model, tokenizer, ref_model, base, params, optimizer, state, critic)
