@@ -116,9 +116,42 @@ class Runtime:
 
             return get_optimizer_state_dict(model, optimizer,
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if hasattr(optimizer, "consolidate_state_dict"):  # ZeRO-1: every rank sends its shard to rank 0
-            optimizer.consolidate_state_dict(to=0)
+        if isinstance(optimizer, ZeroRedundancyOptimizer):
+            return self._gather_zero1_state(optimizer)
         return optimizer.state_dict() if self.is_main else {}
+
+    def _gather_zero1_state(self, optimizer: ZeroRedundancyOptimizer) -> dict:
+        """ZeRO-1's whole state on rank 0 in torch's consolidated format (indexed by the parameters'
+        global order, as its load_state_dict reads it): each rank sends rank 0 the moments of the
+        parameters it owns, tensor by tensor. torch's own consolidate_state_dict pickles every
+        shard through a broadcast: 66 s and +5 GB on the sending rank for SmolLM2's 135M
+        parameters over gloo (docs/scaling.md)."""
+        index, owner = optimizer._param_to_index, optimizer._param_to_rank  # torch's own partition
+        mine = {index[q]: state for q, state in optimizer.optim.state.items()}
+        layouts = [None] * self.world_size  # which state each rank holds: names, shapes, dtypes
+        dist.all_gather_object(layouts, {i: {k: ("tensor", tuple(v.shape), v.dtype) if torch.is_tensor(v) else v
+                                             for k, v in state.items()} for i, state in mine.items()})
+        whole = {}
+        for rank, layout in enumerate(layouts):
+            for i, entry in sorted(layout.items()):
+                if rank == 0:
+                    whole[i] = mine.get(i) if self.is_main else None
+                    continue
+                got = {}
+                for k, spec in entry.items():
+                    if not (isinstance(spec, tuple) and spec[:1] == ("tensor",)):
+                        got[k] = spec
+                    elif self.rank == rank:
+                        dist.send(mine[i][k].contiguous(), dst=0)
+                    elif self.is_main:
+                        got[k] = torch.empty(spec[1], dtype=spec[2], device=self.device)
+                        dist.recv(got[k], src=rank)
+                whole[i] = got
+        if not self.is_main:
+            return {}
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": [index[q] for q in g["params"]]}
+                  for g in optimizer.param_groups]
+        return {"state": whole, "param_groups": groups}
 
     def load_optimizer_state(self, model: torch.nn.Module, optimizer, saved: dict) -> None:
         """Restore what optimizer_state_dict saved (each rank keeps its own share of it)."""

@@ -1,0 +1,64 @@
+#!/usr/bin/env python
+"""What each rank holds under runtime.zero_stage 0, 1 and 3: full-parameter SFT of SmolLM2 on the
+calculator task, launched with torchrun over N CPU processes (gloo), fp32.
+
+    python benchmarks/sharded_memory.py                 # 2 processes, stages 0 1 3
+    python benchmarks/sharded_memory.py --nproc 2 --stages 0 3 --examples 30
+
+Each stage runs `steprl sft configs/smollm2_calc.yaml` (LoRA off) in a fresh launch and prints one
+JSON line: the largest peak RSS of any process of the launch (`ru_maxrss` of the waited-for
+children), the wall time of the launch (model loading and the checkpoint included), and the
+final loss. Memory on the CPU counts everything a process maps (Python, torch, the tokenizer, the
+conversations), so the saving shows as a difference between stages, not as a ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch(stage: int, args, out: Path) -> dict:
+    """One torchrun launch, in a child python so that its ru_maxrss covers this launch only."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
+           "-m", "steprl.cli", "sft", "configs/smollm2_calc.yaml", f"output_dir={out}", f"name=z{stage}",
+           "report_to=[]", "eval_after=[]", "sft.lora.enabled=false", f"sft.n_examples={args.examples}",
+           "sft.batch_size=8", "sft.keep_freed_memory=false", "sft.log_every=1", "runtime.precision=fp32",
+           f"runtime.zero_stage={stage}"]
+    probe = ("import resource, subprocess, sys, json; rc = subprocess.run(sys.argv[1:]).returncode; "
+             "print(json.dumps({'rc': rc, 'kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))")
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "STEPRL_NO_PROGRESS": "1"}
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", probe, *cmd], cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if result["rc"] != 0:
+        raise SystemExit(f"zero_stage {stage} failed:\n{done.stderr[-3000:]}")
+    rows = [json.loads(x) for x in (out / f"z{stage}" / "sft" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    return {"zero_stage": stage, "processes": args.nproc, "peak_rss_gb_max_rank": round(result["kb"] / 2**20, 3),
+            "wall_s": round(wall, 1), "steps": len(losses), "final_loss": round(losses[-1], 4)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--stages", type=int, nargs="+", default=[0, 1, 3])
+    ap.add_argument("--examples", type=int, default=30, help="conversations: 90%% trained on, batches of 8")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        for stage in args.stages:
+            print(json.dumps(launch(stage, args, Path(tmp))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
