@@ -111,17 +111,26 @@ def test_a_grpo_step_on_two_ranks_equals_one_process_on_the_whole_batch(tiny, ti
             torch.testing.assert_close(ranks[0][loss_type][n], one[loss_type][n], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("zero_stage,lora", [(0, True), (1, True), (3, True), (2, False)])
+@pytest.mark.parametrize("zero_stage,lora", [(0, True), (1, True), ("configs/accelerate/fsdp.yaml", True), (2, False)])
 def test_an_sft_step_on_two_ranks_equals_one_process(tiny_dir, tmp_path, zero_stage, lora):
     """One SFT step over 16 conversations, 8 per rank: the logged loss is the whole batch's token
     mean and the trained weights (adapter, or whole model) equal one process's; metrics are written
     once. With zero_stage 1 each rank updates its shard of the parameters and broadcasts it; with
-    2 and 3 (FSDP) each holds a shard of the weights and the checkpoint gathers them."""
+    2 and 3 (FSDP) each holds a shard of the weights and the checkpoint gathers them. Stage 3 comes
+    from `accelerate launch` with the FSDP config file, as a user would launch it."""
     args = ["-m", "steprl.cli", "run", "configs/toy.yaml", "name=t", "stages=[sft]", "eval_after=[]",
             f"model.name_or_path={tiny_dir}", "sft.n_examples=16", "sft.batch_size=16", "sft.warmup_steps=0",
             "report_to=[]", f"sft.lora.enabled={str(lora).lower()}"]
     launch([*args, f"output_dir={tmp_path / 'one'}"], world=1)
-    launch([*args, f"output_dir={tmp_path / 'two'}", f"runtime.zero_stage={zero_stage}"], world=2)
+    if isinstance(zero_stage, int):
+        launch([*args, f"output_dir={tmp_path / 'two'}", f"runtime.zero_stage={zero_stage}"], world=2)
+    else:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "STEPRL_NO_PROGRESS": "1"}
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", zero_stage, "--num_processes", "2",
+               f"--main_process_port={free_port()}", *args, f"output_dir={tmp_path / 'two'}"]
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        assert "zero_stage: 3" in (tmp_path / "two" / "t" / "config.yaml").read_text()
     rows = {k: [json.loads(x) for x in (tmp_path / k / "t" / "sft" / "metrics.jsonl").read_text().splitlines()]
             for k in ("one", "two")}
     assert [r["step"] for r in rows["two"]] == [1]

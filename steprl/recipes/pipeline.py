@@ -53,6 +53,7 @@ def run_stage(cfg: RunConfig, stage: str) -> dict:
     """Run (or skip, if done) one stage, evaluate it if asked, and return its summary row."""
     rt = setup_runtime(cfg)
     check_sharded_stages([stage], rt.zero_stage)
+    cfg.runtime.zero_stage = rt.zero_stage  # config.yaml records the stage an accelerate FSDP config asked for
     if rt.is_main:  # rank 0 alone writes the run directory
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, cfg.run_dir / "config.yaml")
