@@ -279,17 +279,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-SHARDED_STAGES = ("pretrain", "sft")  # the stages that train under zero_stage 2/3 (FSDP)
+SHARDED_STAGES = ("pretrain", "sft", "grpo")  # the stages that train under zero_stage 2/3 (FSDP)
 
 
 def check_sharded_stages(stages, zero_stage: int) -> None:
-    """Sharded parameters train in pretraining and SFT only; the reward model and the RL stages
-    (their rollout engines read whole weights on every rank) would fail after the stages before
-    them, so a run that asks for them is refused before it starts."""
+    """Sharded parameters train in pretraining, SFT and GRPO; the reward model and PPO (its critic)
+    are not wired for them and would fail after the stages before them, so a run that asks for
+    them is refused before it starts."""
     other = [s for s in stages if s not in SHARDED_STAGES]
     if zero_stage >= 2 and other:
-        raise ValueError(f"runtime.zero_stage={zero_stage} shards parameters in pretrain and sft only, not in "
-                         f"{', '.join(other)}: run those with runtime.zero_stage=1 (docs/scaling.md)")
+        raise ValueError(f"runtime.zero_stage={zero_stage} shards parameters in {', '.join(SHARDED_STAGES)} only, "
+                         f"not in {', '.join(other)}: run those with runtime.zero_stage=1 (docs/scaling.md)")
 
 
 def launch_zero_stage(asked: int) -> int:

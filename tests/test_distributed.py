@@ -32,12 +32,12 @@ from steprl.runtime import leave_process_group, setup_runtime
 from steprl.training.policy import Policy
 from steprl.training.rl import RLState
 
-model_dir, trajs_file, out_file = sys.argv[1:4]
+model_dir, trajs_file, out_file, zero_stage = sys.argv[1:5]
 trajs = pickle.load(open(trajs_file, "rb"))
 results = {}
 for loss_type, scale in [("grpo", "group"), ("dapo", "batch")]:
     cfg = RunConfig(task=TaskConfig(name="calc"))
-    cfg.runtime.device = "cpu"
+    cfg.runtime.device, cfg.runtime.zero_stage = "cpu", int(zero_stage)
     rt = setup_runtime(cfg)
     model, tok = load_policy(model_dir)
     g = cfg.grpo
@@ -45,13 +45,17 @@ for loss_type, scale in [("grpo", "group"), ("dapo", "batch")]:
     g.num_iterations, g.kl_coef, g.loss_type, g.scale_rewards, g.max_grad_norm = 1, 0.04, loss_type, scale, 1e9
     g.lora = LoraConfig(enabled=False)
     grpo.rollout = lambda state, prompts: rt.shard(copy.deepcopy(trajs), "episodes")
-    params = [p for p in model.parameters() if p.requires_grad]
     ref = copy.deepcopy(model).eval().requires_grad_(False)
-    policy = Policy(model, tok, ref, "", params, torch.optim.SGD(params, lr=0.5), None)
+    whole = copy.deepcopy(model) if rt.shards_parameters else None
+    model = rt.prepare(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    policy = Policy(model, tok, ref, "", params, torch.optim.SGD(params, lr=0.5), None, whole_copy=whole)
     state = RLState(g, policy, rt, None, None, {}, None, "", [trajs[0].problem] * 4,
                     generator=torch.Generator().manual_seed(0), rng=random.Random(rt.rank))
     metrics, _ = grpo.grpo_step(state)
-    results[loss_type] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    results[loss_type] = rt.full_state_dict(model) or {n: p.detach().clone() for n, p in model.named_parameters()}
+    policy.sync_sampler()  # what the next rollout samples from
+    results[loss_type + "/sampler"] = {n: p.detach().clone() for n, p in policy.sampler.named_parameters()}
 torch.save(results, out_file + str(rt.rank))
 leave_process_group()
 '''
@@ -82,7 +86,8 @@ def launch(args: list[str], world: int, cwd=ROOT, timeout=300) -> None:
 def test_a_grpo_step_on_two_ranks_equals_one_process_on_the_whole_batch(tiny, tiny_dir, tmp_path):
     """4 prompts x 3 episodes, two prompts per rank. Both ranks end with identical parameters, and
     those equal one process's after the same step within 1e-5: the gradients are averaged, dapo's
-    token mean and scale_rewards=batch's std are the launch's, not a rank's."""
+    token mean and scale_rewards=batch's std are the launch's, not a rank's. Under FSDP
+    (zero_stage 3, full fine-tuning) too."""
     model, _, _ = tiny
     rng, vocab = random.Random(0), model.config.vocab_size
     trajs = []
@@ -98,10 +103,12 @@ def test_a_grpo_step_on_two_ranks_equals_one_process_on_the_whole_batch(tiny, ti
     (tmp_path / "trajs.pkl").write_bytes(pickle.dumps(trajs))
     worker = tmp_path / "worker.py"
     worker.write_text(GRPO_WORKER)
-    launch([str(worker), str(tiny_dir), str(tmp_path / "trajs.pkl"), str(tmp_path / "one.pt")], world=1)
-    launch([str(worker), str(tiny_dir), str(tmp_path / "trajs.pkl"), str(tmp_path / "two.pt")], world=2)
+    for name, world, zero_stage in [("one", 1, 0), ("two", 2, 0), ("fsdp", 2, 3)]:
+        launch([str(worker), str(tiny_dir), str(tmp_path / "trajs.pkl"), str(tmp_path / f"{name}.pt"), str(zero_stage)],
+               world=world)
     one = torch.load(tmp_path / "one.pt0")
     ranks = [torch.load(tmp_path / f"two.pt{r}") for r in (0, 1)]
+    fsdp = torch.load(tmp_path / "fsdp.pt0")  # the weights gathered on rank 0
     start = dict(model.named_parameters())
     for loss_type in ("grpo", "dapo"):
         moved = max((one[loss_type][n] - start[n]).abs().max().item() for n in start)
@@ -109,6 +116,8 @@ def test_a_grpo_step_on_two_ranks_equals_one_process_on_the_whole_batch(tiny, ti
         for n in start:
             assert torch.equal(ranks[0][loss_type][n], ranks[1][loss_type][n]), n
             torch.testing.assert_close(ranks[0][loss_type][n], one[loss_type][n], atol=1e-5, rtol=0)
+            torch.testing.assert_close(fsdp[loss_type][n], one[loss_type][n], atol=1e-5, rtol=0)
+            assert torch.equal(fsdp[loss_type + "/sampler"][n], fsdp[loss_type][n]), n  # FSDP's whole copy follows
 
 
 @pytest.mark.parametrize("zero_stage,lora", [(0, True), (1, True), ("configs/accelerate/fsdp.yaml", True), (2, False)])
@@ -216,40 +225,6 @@ def test_zero_stages_shard_the_optimizer_and_resume_like_whole_copies(tiny_dir, 
         torch.testing.assert_close(ranks[0]["params"][name], value, atol=1e-6, rtol=0)
 
 
-def test_fsdp_pretraining_killed_and_resumed_equals_an_uninterrupted_data_parallel_run(tmp_path):
-    """Pretraining on two ranks under zero_stage 3 (FSDP), killed (SIGKILL, the whole launch) after
-    its first checkpoint and run again: its metrics are steps 1..N exactly once, and the model it
-    saves equals that of an uninterrupted two-rank run with whole copies (zero_stage 0) within 1e-5."""
-    def cmd(out, zero_stage):
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", f"--master_port={free_port()}",
-                "-m", "steprl.cli", "run", "configs/toy.yaml", f"output_dir={out}", "eval_after=[]", "report_to=[]",
-                "stages=[pretrain]", "pretrain.steps=12", "pretrain.save_every=2", "pretrain.log_every=1",
-                "pretrain.eval_every=100", f"runtime.zero_stage={zero_stage}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "STEPRL_NO_PROGRESS": "1"}
-    whole = subprocess.run(cmd(tmp_path / "whole", 0), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert whole.returncode == 0, whole.stderr[-2000:]
-    out = tmp_path / "fsdp"
-    state = out / "toy" / "pretrain" / "checkpoint" / "trainer_state.pt"
-    proc = subprocess.Popen(cmd(out, 3), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.time() + 240
-    while not state.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.1)
-    assert state.exists(), "pretraining never checkpointed"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (out / "toy" / "pretrain" / "done.json").exists()
-    done = subprocess.run(cmd(out, 3), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    steps = [json.loads(x)["step"] for x in (out / "toy" / "pretrain" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 13))
-    one = load_file(str(tmp_path / "whole" / "toy" / "pretrain" / "checkpoint" / "model.safetensors"))
-    two = load_file(str(out / "toy" / "pretrain" / "checkpoint" / "model.safetensors"))
-    assert one.keys() == two.keys()
-    for n in one:
-        torch.testing.assert_close(two[n], one[n], atol=1e-5, rtol=0)
-
-
 def test_an_accelerate_launch_asks_for_its_zero_stage_or_is_refused_in_one_line(monkeypatch):
     from steprl.runtime import check_sharded_stages, launch_zero_stage
     assert launch_zero_stage(1) == 1  # no accelerate config: the run's own
@@ -274,25 +249,30 @@ def test_an_accelerate_launch_asks_for_its_zero_stage_or_is_refused_in_one_line(
         launch_zero_stage(0)
     check_sharded_stages(["pretrain", "sft"], 3)
     check_sharded_stages(["pretrain", "sft", "grpo"], 1)
-    with pytest.raises(ValueError, match="zero_stage=3 shards parameters in pretrain and sft only, not in rm, grpo"):
-        check_sharded_stages(["pretrain", "sft", "rm", "grpo"], 3)
+    check_sharded_stages(["pretrain", "sft", "grpo"], 3)
+    with pytest.raises(ValueError, match="zero_stage=3 shards parameters in pretrain, sft, grpo only, not in rm, ppo"):
+        check_sharded_stages(["pretrain", "sft", "rm", "ppo"], 3)
 
 
 def test_a_run_whose_stages_cannot_shard_is_refused_before_it_starts(tmp_path, capsys):
     from steprl.cli import main
-    assert main(["run", "configs/toy.yaml", f"output_dir={tmp_path}", "runtime.zero_stage=3"]) == 2
-    assert "shards parameters in pretrain and sft only, not in grpo" in capsys.readouterr().err
+    assert main(["run", "configs/toy.yaml", f"output_dir={tmp_path}", "stages=[pretrain,sft,ppo]",
+                 "runtime.zero_stage=3"]) == 2
+    assert "shards parameters in pretrain, sft, grpo only, not in ppo" in capsys.readouterr().err
     assert not (tmp_path / "toy").exists()
 
 
-def test_torchrun_pipeline_writes_once_and_resumes_after_a_kill(tmp_path):
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_torchrun_pipeline_writes_once_and_resumes_after_a_kill(tmp_path, zero_stage):
     """`torchrun --nproc_per_node 2 -m steprl.cli run configs/toy.yaml`: killed (SIGKILL, the whole
     launch) after GRPO's first checkpoint, then the same command again: every stage's metrics are
-    its steps exactly once."""
+    its steps exactly once. With whole copies and under FSDP (zero_stage 3: every stage sharded,
+    GRPO sampling from its whole copy, auto-fix on and keeping its shards of the weights)."""
     out = tmp_path / "runs"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", f"--master_port={free_port()}",
            "-m", "steprl.cli", "run", "configs/toy.yaml", f"output_dir={out}", "eval_after=[]", "report_to=[]",
-           "grpo.steps=6", "grpo.save_every=2"]
+           "grpo.steps=6", "grpo.save_every=2", f"runtime.zero_stage={zero_stage}",
+           *(["doctor.auto_fix=true"] if zero_stage else [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "STEPRL_NO_PROGRESS": "1"}
     state = out / "toy" / "grpo" / "checkpoint" / "trainer_state.pt"
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -21,6 +21,11 @@ SETTINGS = ("learning_rate", "kl_coef", "micro_batch_size", "num_generations", "
             "gradient_checkpointing", "max_grad_norm")  # what auto-fix may change in a stage's config
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: an FSDP parameter's (a DTensor's) local shard, else the tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def micro_batch(settings) -> int:
     """Trajectories per forward pass: micro_batch_size, 0 meaning the whole minibatch."""
     return settings.micro_batch_size or settings.minibatch_size
@@ -50,7 +55,9 @@ class AutoFixer:
         self.rolled_back = False  # the trainer resets its optimiser state when this is set
 
     def _weights(self) -> dict:
-        return {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        """The trainable weights, by name; under FSDP this rank's shard of each (a checkpoint's copy
+        then resumes with the same number of processes)."""
+        return {n: local(p).detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 
     def snapshot(self, step: int) -> None:
         """Remember the trainable weights of a healthy step, for rollback."""
@@ -76,7 +83,7 @@ class AutoFixer:
             return False
         params = dict(self.model.named_parameters())
         for name, value in self.good.items():
-            params[name].data.copy_(value)
+            local(params[name]).data.copy_(value)
         return True
 
     def adapt_kl(self, kl: float, n_samples: int) -> None:

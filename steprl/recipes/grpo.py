@@ -27,6 +27,7 @@ import random
 from contextlib import nullcontext
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from steprl.algos import (aggregate_loss, clipped_surrogate, group_advantages, kl_penalty, trajectory_returns,
                           truncated_is_weight, turn_level_group_advantages)
@@ -56,7 +57,7 @@ def run(cfg: RunConfig) -> dict:
     start = policy.state["step"] if policy.state else 0
     state = RLState(
         settings=g, policy=policy, runtime=rt,
-        engine=make_engine(cfg.rollout.engine, policy.model, policy.tokenizer, rt.device.type, cfg.rollout.release_memory,
+        engine=make_engine(cfg.rollout.engine, policy.sampler, policy.tokenizer, rt.device.type, cfg.rollout.release_memory,
                            rt.rollout_precision(cfg.rollout.precision)),
         task=task, tools=tools, renderer=renderer, system_suffix=suffix, rollout=cfg.rollout,
         problems=task.problems("train", max(g.steps * g.prompts_per_step, 1000), seed=cfg.seed),
@@ -167,7 +168,7 @@ def minibatch_backward(model, trajs, mb_idx, mask, advantages, old_logp, ref_log
     only which of them share a forward pass. Returns (loss, statistics per micro-batch), or None as
     soon as a loss is not finite (the caller then drops the partial gradient).
     """
-    total, stats = 0.0, []
+    total, stats, finite = 0.0, [], True
     width = mask.shape[1]
     order = by_length(trajs, mb_idx)
     micro = micro_batch(g)
@@ -184,13 +185,15 @@ def minibatch_backward(model, trajs, mb_idx, mask, advantages, old_logp, ref_log
             loss, s = policy_loss(model, mb, cols, mask[idx], advantages[idx], old,
                                   None if ref_logp is None else ref_logp[idx], g, scale, beginning.of())
         if not torch.isfinite(loss):
-            return None
-        loss.backward()
+            finite = False
+            if not isinstance(model, FSDPModule):
+                return None
+        loss.backward()  # under FSDP also a NaN's: every rank runs every backward, its collectives pair them
         total += loss.item()
         stats.append(s)
     with autocast():
         beginning.backward()
-    return total, stats
+    return (total, stats) if finite else None
 
 
 def policy_loss(model, mb, cols, mask, advantages, old_logp, ref_logp, g, scale: float, beginning=None):

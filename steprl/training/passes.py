@@ -10,6 +10,7 @@ computed once.
 from __future__ import annotations
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 from transformers.cache_utils import DynamicCache
 
 from steprl.algos import entropy_from_logits, logprobs_and_entropy, token_logprobs
@@ -19,6 +20,13 @@ from steprl.rollout.episodes import Trajectory
 from steprl.rollout.sampling import CACHE, common_prefix, extend, left_pad
 
 REFERENCE_BATCHES = 4  # training micro-batches per reference pass (see reference_logprobs)
+
+
+def plain_passes(model) -> bool:
+    """One plain pass per micro-batch, nothing shared through a KV cache: under activation
+    checkpointing, which turns the cache off, and under FSDP, where every rank must run the same
+    forwards (its collectives pair them up) while which shared passes pay depends on a rank's rows."""
+    return getattr(model, "is_activation_checkpointing", False) or isinstance(model, FSDPModule)
 
 
 def right_aligned(rows: list[list], width: int, fill=0, dtype=torch.float32, device=None) -> torch.Tensor:
@@ -84,8 +92,7 @@ def completion_logits(model, trajs: list[Trajectory], width: int, beginning=None
                 "per_prompt": u * max(len(b) for b in bodies) + n * (width + 1),
                 "common": common + u * max(len(b) - common for b in bodies) + n * (width + 1)}
         plan = min(cost, key=cost.get)
-        checkpointing = getattr(model, "is_activation_checkpointing", False)  # it turns the cache off
-        if plan == "plain" or min(len(b) for b in bodies) < 1 or checkpointing:
+        if plan == "plain" or min(len(b) for b in bodies) < 1 or plain_passes(model):
             ids, attn, pos = (x.to(device) for x in left_pad([t.prompt_ids + t.ids for t in trajs], pad_id=0))
             return model(input_ids=ids, attention_mask=attn, position_ids=pos,
                          logits_to_keep=width + 1).logits[:, :-1]
@@ -120,8 +127,7 @@ class Beginning:
     def __init__(self, model, trajs: list[Trajectory], micro_batches: int):
         prompts = [t.prompt_ids for t in trajs]
         k = min(min(common_prefix(prompts[0], p) for p in prompts), min(len(p) for p in prompts) - 2)
-        checkpointing = getattr(model, "is_activation_checkpointing", False)  # it turns the cache off
-        self.ids = list(prompts[0][:k]) if micro_batches > 1 and k >= self.MIN_BEGINNING and not checkpointing else []
+        self.ids = list(prompts[0][:k]) if micro_batches > 1 and k >= self.MIN_BEGINNING and not plain_passes(model) else []
         self.model, self.kv = None, None
         if self.ids:
             grad, self.rng = torch.is_grad_enabled(), torch.get_rng_state()  # dropout draws again alike

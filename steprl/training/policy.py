@@ -7,6 +7,7 @@ which random numbers LoRA's initialisation draws and so the results of a seed.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,6 +35,25 @@ class Policy:
     optimizer: torch.optim.Optimizer  # group 0: the policy; group 1: the value model, if any
     state: dict | None  # trainer_state.pt of an interrupted run: policy weights and optimiser restored
     value_model: torch.nn.Module | None = None
+    # under sharded parameters (FSDP), a whole copy on every rank for the rollout engine to sample
+    # from, refreshed from the trained shards before each rollout (sync_sampler)
+    whole_copy: torch.nn.Module | None = None
+
+    @property
+    def sampler(self) -> torch.nn.Module:
+        """The network the rollout engine samples from: the policy, or its whole copy."""
+        return self.whole_copy if self.whole_copy is not None else self.model
+
+    def sync_sampler(self) -> None:
+        """Under FSDP, gather each trained parameter and copy it into the whole copy; every rank calls
+        it. (A rollback by auto-fix changes the shards too: hence before each rollout, not after a step.)"""
+        if self.whole_copy is None:
+            return
+        whole = dict(self.whole_copy.named_parameters())
+        with torch.no_grad():
+            for name, q in self.model.named_parameters():
+                if q.requires_grad:
+                    whole[name].copy_(q.full_tensor())
 
     def save(self, directory: Path, weights: dict | None = None) -> None:
         """The policy in Hugging Face format (adapter or full model), the value model beside it.
@@ -69,7 +89,10 @@ def setup_policy(cfg: RunConfig, stage: str, lora: LoraConfig, learning_rate: fl
         load_weights(model, ckpt)
         if critic is not None:
             critic.load_state_dict(load_file(str(ckpt / VALUE_FILE)))
-    model.to(rt.device)
+    # the engines read whole weights: under FSDP they sample from a whole copy (memory: the
+    # weights once more on each rank; the gradients and moments stay sharded)
+    whole_copy = copy.deepcopy(model).to(rt.device) if rt.shards_parameters else None
+    model = rt.prepare(model)
     if critic is not None:
         critic.to(rt.device)
     if ref_model is not None:
@@ -84,7 +107,7 @@ def setup_policy(cfg: RunConfig, stage: str, lora: LoraConfig, learning_rate: fl
         rt.load_optimizer_state(model, optimizer, state["optimizer"])
         for group, lr in zip(optimizer.param_groups, peaks):  # the saved lr was scheduled; train_rl scales the peak
             group["lr"] = lr
-    return Policy(model, tokenizer, ref_model, base, params, optimizer, state, critic)
+    return Policy(model, tokenizer, ref_model, base, params, optimizer, state, critic, whole_copy)
 
 
 def load_weights(model, directory) -> None:

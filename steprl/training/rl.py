@@ -79,7 +79,8 @@ def rollout(state: RLState, prompts: list) -> list[Trajectory]:
     envs = make_envs(state.task, state.tools, s.reward, s.max_turns, len(episodes), state.system_suffix,
                      state.rollout.tool_timeout_s)
     params = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
-    state.policy.model.eval()
+    state.policy.sync_sampler()
+    state.policy.sampler.eval()
     trajs = run_episodes(state.engine, state.policy.tokenizer, envs, episodes, params, state.renderer,
                          state.generator, tool_workers=state.rollout.tool_workers)
     state.engine.sleep()  # what sampling holds is freed for the training passes
@@ -249,7 +250,7 @@ def save_rl_checkpoint(ckpt, state: RLState, fixer: AutoFixer | None) -> None:
     extra = {"settings": {k: getattr(s, k) for k in SETTINGS if hasattr(s, k)},
              "autofix": fixer.state_dict() if fixer is not None else None}
     save_resumable(ckpt, state.runtime, state.step, state.policy.optimizer, state.policy.save,
-                   state.generator, state.rng, extra=extra)
+                   state.generator, state.rng, extra=extra, model=state.policy.model)
 
 
 def keep_samples_until(path, step: int) -> None:
