@@ -125,8 +125,8 @@ class Runtime:
         global order, as its load_state_dict reads it): each rank sends rank 0 the moments of the
         parameters it owns, tensor by tensor. torch's own consolidate_state_dict pickles every
         shard through a broadcast: 66 s and +5 GB on the sending rank for SmolLM2's 135M
-        parameters over gloo (docs/scaling.md)."""
-        index, owner = optimizer._param_to_index, optimizer._param_to_rank  # torch's own partition
+        parameters over gloo (docs/benchmarks.md, "Sharded training")."""
+        index = optimizer._param_to_index  # torch's own numbering of the parameters
         mine = {index[q]: state for q, state in optimizer.optim.state.items()}
         layouts = [None] * self.world_size  # which state each rank holds: names, shapes, dtypes
         dist.all_gather_object(layouts, {i: {k: ("tensor", tuple(v.shape), v.dtype) if torch.is_tensor(v) else v

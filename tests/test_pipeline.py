@@ -92,7 +92,7 @@ def test_bad_config_key_is_one_line(capsys):
 
 def test_killed_pretrain_resumes_from_checkpoint(tmp_path):
     args = [sys.executable, "-m", "steprl.cli", "pretrain", "configs/toy.yaml", f"output_dir={tmp_path}",
-            "pretrain.steps=400", "pretrain.save_every=20", "pretrain.log_every=1"]
+            "pretrain.steps=100", "pretrain.save_every=20", "pretrain.log_every=1"]
     env = {**os.environ, "STEPRL_NO_PROGRESS": "1"}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = tmp_path / "toy/pretrain/checkpoint/trainer_state.pt"
@@ -106,5 +106,5 @@ def test_killed_pretrain_resumes_from_checkpoint(tmp_path):
     killed_at = len(read_jsonl(tmp_path / "toy/pretrain/metrics.jsonl"))
     subprocess.run(args, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     steps = [r["step"] for r in read_jsonl(tmp_path / "toy/pretrain/metrics.jsonl")]
-    assert steps == list(range(1, 401)), "metrics must continue without gaps or repeats"
+    assert steps == list(range(1, 101)), "metrics must continue without gaps or repeats"
     assert killed_at >= 20

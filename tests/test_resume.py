@@ -141,7 +141,7 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint(tmp_path):
     def checkpoint_at(step: int):
         def write(directory: Path) -> None:
             (directory / "weights.txt").write_text(f"step {step}")
-            save_state(directory, step, optimizer, [])
+            save_state(directory, step, optimizer.state_dict(), [])
         return write
 
     commit_checkpoint(ckpt, checkpoint_at(2))

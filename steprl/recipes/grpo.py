@@ -165,8 +165,9 @@ def minibatch_backward(model, trajs, mb_idx, mask, advantages, old_logp, ref_log
 
     The micro-batches are cut from the minibatch sorted by length (`by_length`), not in its shuffled
     order: which trajectories form the minibatch, and each one's weight in its loss, do not change,
-    only which of them share a forward pass. Returns (loss, statistics per micro-batch), or None as
-    soon as a loss is not finite (the caller then drops the partial gradient).
+    only which of them share a forward pass. Returns (loss, statistics per micro-batch), or None when
+    a loss is not finite (the caller then drops the partial gradient): at once, or under FSDP after
+    every micro-batch's backward, which every rank must run.
     """
     total, stats, finite = 0.0, [], True
     width = mask.shape[1]

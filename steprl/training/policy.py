@@ -57,7 +57,7 @@ class Policy:
 
     def save(self, directory: Path, weights: dict | None = None) -> None:
         """The policy in Hugging Face format (adapter or full model), the value model beside it.
-        (`weights`: save_resumable's; the RL stages keep whole copies, so it is None.)"""
+        `weights`: the whole state dict save_resumable gathered when the policy is sharded (FSDP), else None."""
         save_checkpoint(self.model, self.tokenizer, directory, base_path=self.base, state_dict=weights)
         if self.value_model is not None:
             weights = {k: v.detach().contiguous() for k, v in self.value_model.state_dict().items()}
