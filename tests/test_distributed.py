@@ -87,12 +87,14 @@ def test_a_grpo_step_on_two_ranks_equals_one_process_on_the_whole_batch(tiny, ti
     """4 prompts x 3 episodes, two prompts per rank. Both ranks end with identical parameters, and
     those equal one process's after the same step within 1e-5: the gradients are averaged, dapo's
     token mean and scale_rewards=batch's std are the launch's, not a rank's. Under FSDP
-    (zero_stage 3, full fine-tuning) too."""
+    (zero_stage 3, full fine-tuning) too, where the ranks agree on the shared passes (the prompts'
+    common beginning once per minibatch, each prompt once per micro-batch) before running them."""
     model, _, _ = tiny
     rng, vocab = random.Random(0), model.config.vocab_size
     trajs = []
+    system = [rng.randrange(4, vocab) for _ in range(18)]  # a beginning every prompt shares (`Beginning`)
     for p in range(4):
-        prompt = [rng.randrange(4, vocab) for _ in range(rng.randint(5, 12))]
+        prompt = system + [rng.randrange(4, vocab) for _ in range(rng.randint(5, 12))]
         for _ in range(3):
             k = rng.randint(2, 10)  # unequal lengths: a token mean differs from a mean of means
             t = Trajectory(Problem(f"p{p}", "q", "1", {}), list(prompt), ids=[rng.randrange(4, vocab) for _ in range(k)],

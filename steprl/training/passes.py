@@ -25,7 +25,8 @@ REFERENCE_BATCHES = 4  # training micro-batches per reference pass (see referenc
 def plain_passes(model) -> bool:
     """One plain pass per micro-batch, nothing shared through a KV cache: under activation
     checkpointing, which turns the cache off, and under FSDP, where every rank must run the same
-    forwards (its collectives pair them up) while which shared passes pay depends on a rank's rows."""
+    forwards (its collectives pair them up) and a gradient that reaches a block through the cache
+    bypasses the hook that gathers the block's weights for the backward (docs/benchmarks.md)."""
     return getattr(model, "is_activation_checkpointing", False) or isinstance(model, FSDPModule)
 
 
