@@ -122,17 +122,34 @@ def test_a_grpo_step_on_two_ranks_equals_one_process_on_the_whole_batch(tiny, ti
             assert torch.equal(fsdp[loss_type + "/sampler"][n], fsdp[loss_type][n]), n  # FSDP's whole copy follows
 
 
+def sft_args(tiny_dir, lora: bool) -> list[str]:
+    return ["-m", "steprl.cli", "run", "configs/toy.yaml", "name=t", "stages=[sft]", "eval_after=[]",
+            f"model.name_or_path={tiny_dir}", "sft.n_examples=16", "sft.batch_size=16", "sft.warmup_steps=0",
+            "report_to=[]", f"sft.lora.enabled={str(lora).lower()}"]
+
+
+@pytest.fixture(scope="module")
+def one_process_sft(tiny_dir, tmp_path_factory):
+    """The one-process SFT step that two-rank launches are compared with, run once per LoRA setting."""
+    runs = {}
+
+    def run(lora: bool) -> Path:
+        if lora not in runs:
+            runs[lora] = tmp_path_factory.mktemp("one")
+            launch([*sft_args(tiny_dir, lora), f"output_dir={runs[lora]}"], world=1)
+        return runs[lora]
+    return run
+
+
 @pytest.mark.parametrize("zero_stage,lora", [(0, True), (1, True), ("configs/accelerate/fsdp.yaml", True), (2, False)])
-def test_an_sft_step_on_two_ranks_equals_one_process(tiny_dir, tmp_path, zero_stage, lora):
+def test_an_sft_step_on_two_ranks_equals_one_process(tiny_dir, one_process_sft, tmp_path, zero_stage, lora):
     """One SFT step over 16 conversations, 8 per rank: the logged loss is the whole batch's token
     mean and the trained weights (adapter, or whole model) equal one process's; metrics are written
     once. With zero_stage 1 each rank updates its shard of the parameters and broadcasts it; with
     2 and 3 (FSDP) each holds a shard of the weights and the checkpoint gathers them. Stage 3 comes
     from `accelerate launch` with the FSDP config file, as a user would launch it."""
-    args = ["-m", "steprl.cli", "run", "configs/toy.yaml", "name=t", "stages=[sft]", "eval_after=[]",
-            f"model.name_or_path={tiny_dir}", "sft.n_examples=16", "sft.batch_size=16", "sft.warmup_steps=0",
-            "report_to=[]", f"sft.lora.enabled={str(lora).lower()}"]
-    launch([*args, f"output_dir={tmp_path / 'one'}"], world=1)
+    args = sft_args(tiny_dir, lora)
+    (tmp_path / "one").symlink_to(one_process_sft(lora), target_is_directory=True)
     if isinstance(zero_stage, int):
         launch([*args, f"output_dir={tmp_path / 'two'}", f"runtime.zero_stage={zero_stage}"], world=2)
     else:
@@ -205,8 +222,17 @@ leave_process_group()
 '''
 
 
+@pytest.fixture(scope="module")
+def whole_copies(tiny_dir, tmp_path_factory) -> dict:
+    """ZERO_WORKER's steps on two ranks that each keep everything (zero_stage 0), rank 0's result."""
+    out = tmp_path_factory.mktemp("whole")
+    (out / "worker.py").write_text(ZERO_WORKER)
+    launch([str(out / "worker.py"), str(tiny_dir), str(out / "whole"), "0"], world=2)
+    return torch.load(out / "whole0")
+
+
 @pytest.mark.parametrize("zero_stage", [1, 3])
-def test_zero_stages_shard_the_optimizer_and_resume_like_whole_copies(tiny_dir, tmp_path, zero_stage):
+def test_zero_stages_shard_the_optimizer_and_resume_like_whole_copies(tiny_dir, whole_copies, tmp_path, zero_stage):
     """Two ranks under `runtime.zero_stage` 1 (AdamW's moments sharded) or 3 (FSDP: weights,
     gradients and moments): each rank holds part of the moments, the checkpoint all of them, and
     after a resume from it the weights equal those of two ranks that each keep everything
@@ -214,9 +240,8 @@ def test_zero_stages_shard_the_optimizer_and_resume_like_whole_copies(tiny_dir, 
     of a two-rank gradient mean into differences of ~1e-5 on near-zero gradients after three steps.)"""
     worker = tmp_path / "worker.py"
     worker.write_text(ZERO_WORKER)
-    launch([str(worker), str(tiny_dir), str(tmp_path / "whole"), "0"], world=2)
     launch([str(worker), str(tiny_dir), str(tmp_path / "zero"), str(zero_stage)], world=2)
-    whole = torch.load(tmp_path / "whole0")
+    whole = whole_copies
     ranks = [torch.load(tmp_path / f"zero{r}") for r in (0, 1)]
     n, total = len(whole["params"]), whole["held"]
     assert whole["saved"] == n and total == sum(v.numel() for v in whole["params"].values())
