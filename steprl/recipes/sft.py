@@ -91,8 +91,10 @@ def run(cfg: RunConfig) -> dict:
     rt = setup_runtime(cfg)
     s, out = cfg.sft, stage_dir(cfg, "sft")
     # conversations of every length fragment a heap that is never trimmed: SmolLM2 on GSM8K grew
-    # 0.2 GB a step (8 -> 14 GB in 25 steps, even trimmed every 10); by default SFT frees its blocks to the OS
-    keep_freed_memory(s.keep_freed_memory)
+    # 0.2 GB a step (8 -> 14 GB in 25 steps, even trimmed every 10); by default SFT frees its blocks to the OS.
+    # The host heap holds the activations only on the CPU, as setup_runtime's setting assumes.
+    if rt.device.type == "cpu":
+        keep_freed_memory(s.keep_freed_memory)
     base = resolve(previous_checkpoint(cfg, "sft"))
     model, tokenizer = load_policy(base)
     task = get_task(cfg.task.name, **cfg.task.args)
