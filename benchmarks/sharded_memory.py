@@ -8,9 +8,9 @@ on the calculator task, launched with torchrun over N CPU processes (gloo), fp32
 
 Each stage runs `steprl sft|grpo configs/smollm2_calc.yaml` (LoRA off; GRPO from SmolLM2 itself,
 8 prompts x 4 episodes of <= 64 tokens a step, micro-batches of 8, the KL's frozen reference on)
-in a fresh launch and prints one JSON line: the largest peak RSS of any process of the launch (`ru_maxrss` of the waited-for
-children), the wall time of the launch (model loading and the checkpoint included), and the
-final loss. Memory on the CPU counts everything a process maps (Python, torch, the tokenizer, the
+in a fresh launch and prints one JSON line: the largest peak RSS of any process of the launch
+(`ru_maxrss` of the waited-for children), the wall time of the launch (model loading and the
+checkpoint included), and the final loss. Memory on the CPU counts everything a process maps (Python, torch, the tokenizer, the
 conversations), so the saving shows as a difference between stages, not as a ratio.
 """
 from __future__ import annotations
@@ -49,8 +49,9 @@ def launch(stage: int, args, out: Path) -> dict:
         raise SystemExit(f"zero_stage {stage} failed:\n{done.stderr[-3000:]}")
     rows = [json.loads(x) for x in (out / f"z{stage}" / args.recipe / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
-    return {"recipe": args.recipe, "zero_stage": stage, "processes": args.nproc, "peak_rss_gb_max_rank": round(result["kb"] / 2**20, 3),
-            "wall_s": round(wall, 1), "steps": len(losses), "final_loss": round(losses[-1], 4)}
+    return {"recipe": args.recipe, "zero_stage": stage, "processes": args.nproc,
+            "peak_rss_gb_max_rank": round(result["kb"] / 2**20, 3), "wall_s": round(wall, 1),
+            "steps": len(losses), "final_loss": round(losses[-1], 4)}
 
 
 def main() -> None:

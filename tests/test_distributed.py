@@ -184,6 +184,7 @@ from pathlib import Path
 import torch
 from steprl.config import RunConfig, TaskConfig
 from steprl.models.loading import load_policy
+from steprl.monitor.autofix import local
 from steprl.runtime import leave_process_group, setup_runtime
 from steprl.training.common import load_state, save_resumable
 
@@ -212,7 +213,7 @@ state = load_state(Path(out + "ckpt"))
 optimizer = rt.adamw(params, lr=0.01)
 rt.load_optimizer_state(model, optimizer, state["optimizer"])
 moments = [s["exp_avg"] for s in getattr(optimizer, "optim", optimizer).state.values()]
-held = sum(getattr(m, "_local_tensor", m).numel() for m in moments)  # FSDP's DTensor: this rank's shard
+held = sum(local(m).numel() for m in moments)  # FSDP's DTensor: this rank's shard
 for batch in batches[1:]:
     step(optimizer, batch)
 weights = rt.full_state_dict(model) or {n: q.detach().clone() for n, q in model.named_parameters()}

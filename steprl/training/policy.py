@@ -60,8 +60,8 @@ class Policy:
         `weights`: the whole state dict save_resumable gathered when the policy is sharded (FSDP), else None."""
         save_checkpoint(self.model, self.tokenizer, directory, base_path=self.base, state_dict=weights)
         if self.value_model is not None:
-            weights = {k: v.detach().contiguous() for k, v in self.value_model.state_dict().items()}
-            save_file(weights, str(directory / VALUE_FILE))
+            critic = {k: v.detach().contiguous() for k, v in self.value_model.state_dict().items()}
+            save_file(critic, str(directory / VALUE_FILE))
 
 
 def setup_policy(cfg: RunConfig, stage: str, lora: LoraConfig, learning_rate: float, need_ref: bool,
