@@ -247,7 +247,7 @@ class RuntimeConfig:
     threads: int = 0  # torch threads on the CPU; 0 = all cores
     # on a multi-process launch, what each rank keeps 1/world_size of (docs/scaling.md):
     # 0 = nothing (whole copies), 1 = AdamW's moments (torch's ZeroRedundancyOptimizer, every stage),
-    # 2 / 3 = parameters, gradients and moments (FSDP; pretrain, sft, grpo): 3 frees each block's
+    # 2 / 3 = parameters, gradients and moments (FSDP, every stage): 3 frees each block's
     # gathered weights after its forward, 2 keeps them for the backward
     zero_stage: Literal[0, 1, 2, 3] = 0
 

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.distributed.tensor import DTensor
 
 from steprl.config import RunConfig
 from steprl.memory import keep_freed_memory
@@ -85,7 +86,8 @@ class Runtime:
             return model
         from torch.distributed.fsdp import fully_shard
 
-        blocks = set(getattr(model, "_no_split_modules", None) or [])  # HF's name for a transformer block
+        # HF's name for a transformer block, declared by the model or (PPO's critic) the trunk inside it
+        blocks = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
         units = [m for m in model.modules() if type(m).__name__ in blocks]
         if not units:
             raise ValueError(f"runtime.zero_stage={self.zero_stage}: {type(model).__name__} names no transformer "
@@ -212,12 +214,15 @@ class Runtime:
     def sync_gradients(self, params, ok: bool = True) -> bool:
         """Average the gradients of `params` over ranks, as DDP does after backward. Every rank
         calls it once per optimiser step; if any rank's loss was not finite, all skip (False).
-        Under sharded parameters FSDP's backward averaged them already."""
+        FSDP's backward averaged its own (sharded) parameters' gradients already; the rest, such as
+        PPO's value head beside a sharded policy, are averaged here."""
         if not self.agree(ok):
             return False
-        if self.world_size == 1 or self.shards_parameters:
+        if self.world_size == 1:
             return True
-        params = [q for q in params if q.requires_grad]
+        params = [q for q in params if q.requires_grad and not isinstance(q, DTensor)]
+        if not params:
+            return True
         for q in params:
             if q.grad is None:  # a parameter this rank's batch did not reach still joins the sum
                 q.grad = torch.zeros_like(q)
@@ -279,43 +284,55 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-SHARDED_STAGES = ("pretrain", "sft", "grpo")  # the stages that train under zero_stage 2/3 (FSDP)
-
-
-def check_sharded_stages(stages, zero_stage: int) -> None:
-    """Sharded parameters train in pretraining, SFT and GRPO; the reward model and PPO (its critic)
-    are not wired for them and would fail after the stages before them, so a run that asks for
-    them is refused before it starts."""
-    other = [s for s in stages if s not in SHARDED_STAGES]
-    if zero_stage >= 2 and other:
-        raise ValueError(f"runtime.zero_stage={zero_stage} shards parameters in {', '.join(SHARDED_STAGES)} only, "
-                         f"not in {', '.join(other)}: run those with runtime.zero_stage=1 (docs/scaling.md)")
-
-
 def launch_zero_stage(asked: int) -> int:
-    """The ZeRO stage of this launch: the config's, or the one an `accelerate launch` FSDP config
-    asks for (FULL_SHARD / resharding after forward: 3, SHARD_GRAD_OP: 2, NO_SHARD: 0) when the
-    config leaves it at 0. DeepSpeed, which steprl does not run, is refused in one line."""
+    """The ZeRO stage of this launch: the config's, or the one an `accelerate launch` config asks
+    for when the config leaves it at 0. FSDP: FULL_SHARD / resharding after forward 3,
+    SHARD_GRAD_OP 2, NO_SHARD 0. DeepSpeed: its zero_stage, run by torch (1: ZeRO-1's
+    ZeroRedundancyOptimizer, 2 and 3: FSDP), not by DeepSpeed's engine; offloading is refused."""
     env = os.environ
     if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
-        raise ValueError("accelerate asked for DeepSpeed, which steprl does not run: launch with "
-                         "configs/accelerate/fsdp.yaml (ZeRO-3's counterpart) or multi_gpu.yaml with "
-                         "runtime.zero_stage=1 (docs/scaling.md)")
-    if env.get("ACCELERATE_USE_FSDP", "").lower() not in ("1", "true"):
-        return asked
-    if env.get("FSDP_VERSION") == "2":
-        stage = 2 if env.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() == "false" else 3
+        stage, what = deepspeed_zero_stage(env), "DeepSpeed's ZeRO stage"
+    elif env.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        stage, what = fsdp_zero_stage(env), "FSDP's stage"
     else:
-        strategy = env.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").upper()
-        stages = {"FULL_SHARD": 3, "1": 3, "SHARD_GRAD_OP": 2, "2": 2, "NO_SHARD": 0, "3": 0}
-        if strategy not in stages:
-            raise ValueError(f"accelerate asked for FSDP's {strategy}, which steprl does not run: "
-                             f"FULL_SHARD, SHARD_GRAD_OP or NO_SHARD (configs/accelerate/fsdp.yaml)")
-        stage = stages[strategy]
+        return asked
     if asked not in (0, stage):
-        raise ValueError(f"runtime.zero_stage={asked}, but the accelerate config asks for FSDP's stage {stage}: "
+        raise ValueError(f"runtime.zero_stage={asked}, but the accelerate config asks for {what} {stage}: "
                          f"leave runtime.zero_stage at 0 or make them agree")
     return stage
+
+
+def fsdp_zero_stage(env) -> int:
+    """The ZeRO stage an accelerate FSDP config's environment asks for (configs/accelerate/fsdp.yaml)."""
+    if env.get("FSDP_VERSION") == "2":
+        return 2 if env.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() == "false" else 3
+    strategy = env.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").upper()
+    stages = {"FULL_SHARD": 3, "1": 3, "SHARD_GRAD_OP": 2, "2": 2, "NO_SHARD": 0, "3": 0}
+    if strategy not in stages:
+        raise ValueError(f"accelerate asked for FSDP's {strategy}, which steprl does not run: "
+                         f"FULL_SHARD, SHARD_GRAD_OP or NO_SHARD (configs/accelerate/fsdp.yaml)")
+    return stages[strategy]
+
+
+def deepspeed_zero_stage(env) -> int:
+    """The ZeRO stage an accelerate DeepSpeed config's environment asks for: its zero_stage, or
+    zero_optimization.stage in the DeepSpeed JSON it names (configs/accelerate/deepspeed_zero3.yaml)."""
+    stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")  # accelerate's default
+    offload = [env.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{part}_DEVICE", "none").lower() for part in ("OPTIMIZER", "PARAM")]
+    if env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        path = env["ACCELERATE_DEEPSPEED_CONFIG_FILE"]
+        try:
+            zero = json.loads(Path(path).read_text()).get("zero_optimization", {})
+        except (OSError, ValueError) as err:
+            raise ValueError(f"accelerate's deepspeed_config_file {path}: cannot be read as JSON ({err})") from None
+        stage = zero.get("stage", 0)
+        offload = [str(zero.get(f"offload_{part}", {}).get("device", "none")).lower() for part in ("optimizer", "param")]
+    if str(stage) not in ("0", "1", "2", "3"):
+        raise ValueError(f"accelerate asked for DeepSpeed's ZeRO stage {stage!r}: steprl runs 0, 1, 2 or 3")
+    if any(device not in ("none", "") for device in offload):
+        raise ValueError("accelerate asked for DeepSpeed's offloading to the CPU or NVMe, which steprl does not run: "
+                         "set offload_optimizer_device and offload_param_device to none")
+    return int(stage)
 
 
 def is_main_process() -> bool:

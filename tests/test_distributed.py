@@ -21,16 +21,20 @@ from steprl.training.passes import completion_logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# One GRPO update on fixed trajectories (no sampling, so both launches see the same batch),
-# plain SGD and no clipping so that the parameters move by exactly lr x the averaged gradient.
-GRPO_WORKER = r'''
+# One GRPO update and one PPO update (each critic) on fixed trajectories (no sampling, so every
+# launch sees the same batch), plain SGD and no clipping so that the parameters move by exactly
+# lr x the averaged gradient.
+RL_WORKER = r'''
 import copy, pickle, random, sys, torch
+from pathlib import Path
 import steprl.recipes.grpo as grpo
+import steprl.recipes.ppo as ppo
 from steprl.config import LoraConfig, RunConfig, TaskConfig
 from steprl.models.loading import load_policy
 from steprl.runtime import leave_process_group, setup_runtime
-from steprl.training.policy import Policy
+from steprl.training.policy import Policy, setup_policy
 from steprl.training.rl import RLState
+from steprl.training.value import Critic, ValueHead
 
 model_dir, trajs_file, out_file, zero_stage = sys.argv[1:5]
 trajs = pickle.load(open(trajs_file, "rb"))
@@ -56,6 +60,26 @@ for loss_type, scale in [("grpo", "group"), ("dapo", "batch")]:
     results[loss_type] = rt.full_state_dict(model) or {n: p.detach().clone() for n, p in model.named_parameters()}
     policy.sync_sampler()  # what the next rollout samples from
     results[loss_type + "/sampler"] = {n: p.detach().clone() for n, p in policy.sampler.named_parameters()}
+for critic in ("separate", "shared"):
+    cfg = RunConfig(task=TaskConfig(name="calc"), stages=["ppo"])
+    cfg.model.name_or_path = model_dir
+    cfg.runtime.device, cfg.runtime.zero_stage = "cpu", int(zero_stage)
+    rt = setup_runtime(cfg)
+    p = cfg.ppo
+    p.prompts_per_step, p.num_generations, p.minibatch_size, p.micro_batch_size = 4, 3, 12, 2
+    p.num_iterations, p.kl_coef, p.max_grad_norm, p.critic = 1, 0.04, 1e9, critic
+    p.lora = LoraConfig(enabled=False)
+    value_model = lambda m: (Critic(copy.deepcopy(m.get_decoder()), m.config.hidden_size) if critic == "separate"
+                             else ValueHead(m.config.hidden_size))
+    policy = setup_policy(cfg, "ppo", p.lora, 0.5, True, Path(out_file + "-none"), value_model, 0.5, rt=rt)
+    policy.optimizer = torch.optim.SGD([q for group in policy.optimizer.param_groups for q in group["params"]], lr=0.5)
+    ppo.rollout = lambda state, prompts: rt.shard(copy.deepcopy(trajs), "episodes")
+    state = RLState(p, policy, rt, None, None, {}, None, "", [trajs[0].problem] * 4,
+                    generator=torch.Generator().manual_seed(0), rng=random.Random(rt.rank),
+                    extra={"use_ref": True, "kl_ctl": None})
+    metrics, _ = ppo.ppo_step(state)
+    results["ppo/" + critic] = rt.full_state_dict(policy.trained) or {
+        n: q.detach().clone() for n, q in policy.trained.named_parameters()}
 torch.save(results, out_file + str(rt.rank))
 leave_process_group()
 '''
@@ -83,12 +107,13 @@ def launch(args: list[str], world: int, cwd=ROOT, timeout=300) -> None:
         assert p.returncode == 0, out[-3000:]
 
 
-def test_a_grpo_step_on_two_ranks_equals_one_process_on_the_whole_batch(tiny, tiny_dir, tmp_path):
+def test_an_rl_step_on_two_ranks_equals_one_process_on_the_whole_batch(tiny, tiny_dir, tmp_path):
     """4 prompts x 3 episodes, two prompts per rank. Both ranks end with identical parameters, and
     those equal one process's after the same step within 1e-5: the gradients are averaged, dapo's
-    token mean and scale_rewards=batch's std are the launch's, not a rank's. Under FSDP
-    (zero_stage 3, full fine-tuning) too, where the ranks agree on the shared passes (the prompts'
-    common beginning once per minibatch, each prompt once per micro-batch) before running them."""
+    token mean, scale_rewards=batch's std and PPO's advantage whitening are the launch's, not a
+    rank's. Under FSDP (zero_stage 3, full fine-tuning) too, where every rank runs plain passes
+    (the one process shares the prompts' common beginning and each prompt through the KV cache)
+    and PPO's separate critic is sharded as the policy is (a shared value head stays whole)."""
     model, _, _ = tiny
     rng, vocab = random.Random(0), model.config.vocab_size
     trajs = []
@@ -104,7 +129,7 @@ def test_a_grpo_step_on_two_ranks_equals_one_process_on_the_whole_batch(tiny, ti
             trajs.append(t)
     (tmp_path / "trajs.pkl").write_bytes(pickle.dumps(trajs))
     worker = tmp_path / "worker.py"
-    worker.write_text(GRPO_WORKER)
+    worker.write_text(RL_WORKER)
     for name, world, zero_stage in [("one", 1, 0), ("two", 2, 0), ("fsdp", 2, 3)]:
         launch([str(worker), str(tiny_dir), str(tmp_path / "trajs.pkl"), str(tmp_path / f"{name}.pt"), str(zero_stage)],
                world=world)
@@ -120,6 +145,14 @@ def test_a_grpo_step_on_two_ranks_equals_one_process_on_the_whole_batch(tiny, ti
             torch.testing.assert_close(ranks[0][loss_type][n], one[loss_type][n], atol=1e-5, rtol=0)
             torch.testing.assert_close(fsdp[loss_type][n], one[loss_type][n], atol=1e-5, rtol=0)
             assert torch.equal(fsdp[loss_type + "/sampler"][n], fsdp[loss_type][n]), n  # FSDP's whole copy follows
+    for critic in ("ppo/separate", "ppo/shared"):  # the policy and its value model, sharded alike or (a head) whole
+        assert {n.split(".")[0] for n in one[critic]} == {"policy", "value"}
+        assert max((one[critic]["policy." + n] - start[n]).abs().max().item() for n in start) > 1e-3
+        assert max(v.abs().max().item() for n, v in one[critic].items() if n.startswith("value.") and n.endswith("v.weight")) > 1e-3
+        for n in one[critic]:
+            assert torch.equal(ranks[0][critic][n], ranks[1][critic][n]), n
+            torch.testing.assert_close(ranks[0][critic][n], one[critic][n], atol=1e-5, rtol=0)
+            torch.testing.assert_close(fsdp[critic][n], one[critic][n], atol=1e-5, rtol=0)
 
 
 def sft_args(tiny_dir, lora: bool) -> list[str]:
@@ -172,6 +205,53 @@ def test_an_sft_step_on_two_ranks_equals_one_process(tiny_dir, one_process_sft, 
         assert max((one[n] - start[n]).abs().max().item() for n in one) > 1e-4
     for n in one:
         torch.testing.assert_close(two[n], one[n], atol=1e-5, rtol=0)
+
+
+# The reward-model stage end to end, two kinds: a classifier under LoRA pooling every assistant
+# token (its final checkpoint merged from the gathered weights), and an implicit RM, fully trained
+# against its frozen reference; a checkpoint after the first of two steps.
+RM_WORKER = r'''
+import sys
+from steprl.config import LoraConfig, RMConfig, RunConfig
+from steprl.recipes import rm
+from steprl.runtime import leave_process_group
+
+model_dir, out, zero_stage = sys.argv[1:4]
+for name, c in [("mean", RMConfig(pooling="mean", lora=LoraConfig(enabled=True, r=4, alpha=8))),
+                ("implicit", RMConfig(type="implicit", lora=LoraConfig(enabled=False)))]:
+    c.n_pairs, c.n_test_pairs, c.epochs, c.batch_size, c.warmup_steps, c.save_every, c.log_every = 16, 8, 1, 8, 0, 1, 1
+    cfg = RunConfig(name=name, output_dir=out, stages=["rm"], report_to=[], rm=c)
+    cfg.model.name_or_path = model_dir
+    cfg.runtime.device, cfg.runtime.zero_stage = "cpu", int(zero_stage)
+    cfg.doctor.enabled = False
+    rm.run(cfg)
+leave_process_group()
+'''
+
+
+def test_a_reward_model_sharded_over_two_ranks_equals_one_process(tiny_dir, tmp_path):
+    """Two RM steps of 8 pairs each, 4 per rank under zero_stage 3 (FSDP): the logged losses and
+    held-out accuracy are the whole batch's, each step is logged once, and the final reward model
+    (whole, in Hugging Face format) equals one process's within 1e-5."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(RM_WORKER)
+    for name, world, zero_stage in [("one", 1, 0), ("fsdp", 2, 3)]:
+        launch([str(worker), str(tiny_dir), str(tmp_path / name), str(zero_stage)], world=world)
+    start = load_file(str(tiny_dir / "model.safetensors"))
+    for kind in ("mean", "implicit"):
+        runs = {k: tmp_path / k / kind / "rm" for k in ("one", "fsdp")}
+        rows = {k: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()] for k, d in runs.items()}
+        assert [r["step"] for r in rows["fsdp"]] == [r["step"] for r in rows["one"]] == [1, 2]
+        for one, two in zip(rows["one"], rows["fsdp"]):
+            assert two["loss"] == pytest.approx(one["loss"], abs=1e-5)
+        assert rows["fsdp"][-1]["eval/accuracy"] == rows["one"][-1]["eval/accuracy"]
+        one = load_file(str(runs["one"] / "checkpoint" / "model.safetensors"))
+        two = load_file(str(runs["fsdp"] / "checkpoint" / "model.safetensors"))
+        assert one.keys() == two.keys()
+        trunk = [n for n in one if n in start and one[n].shape == start[n].shape]
+        assert max((one[n] - start[n]).abs().max().item() for n in trunk) > 1e-5  # trained (LoRA merged in)
+        for n in one:
+            torch.testing.assert_close(two[n], one[n], atol=1e-5, rtol=0)
 
 
 # Three AdamW steps of a tiny model on fixed batches, the optimiser rebuilt from a checkpoint after
@@ -254,7 +334,7 @@ def test_zero_stages_shard_the_optimizer_and_resume_like_whole_copies(tiny_dir, 
 
 
 def test_an_accelerate_launch_asks_for_its_zero_stage_or_is_refused_in_one_line(monkeypatch):
-    from steprl.runtime import check_sharded_stages, launch_zero_stage
+    from steprl.runtime import launch_zero_stage
     assert launch_zero_stage(1) == 1  # no accelerate config: the run's own
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     for version, env, stage in [("1", {"FSDP_SHARDING_STRATEGY": "FULL_SHARD"}, 3),
@@ -272,21 +352,57 @@ def test_an_accelerate_launch_asks_for_its_zero_stage_or_is_refused_in_one_line(
     monkeypatch.setenv("FSDP_SHARDING_STRATEGY", "HYBRID_SHARD")
     with pytest.raises(ValueError, match="FSDP's HYBRID_SHARD, which steprl does not run"):
         launch_zero_stage(0)
+
+
+@pytest.mark.parametrize("name,stage", [("deepspeed_zero2.yaml", 2), ("deepspeed_zero3.yaml", 3)])
+def test_an_accelerate_deepspeed_config_asks_for_its_zero_stage(monkeypatch, name, stage):
+    """accelerate's own `launch` of configs/accelerate/<name>, up to the environment it would start
+    the workers with (starting them needs the deepspeed package): that environment asks for the
+    file's ZeRO stage, which steprl runs with torch."""
+    import accelerate.commands.launch as accelerate_launch
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    from steprl.runtime import launch_zero_stage
+    workers = {}
+    monkeypatch.setattr(accelerate_launch, "deepspeed_launcher",
+                        lambda args: workers.update(prepare_deepspeed_cmd_env(args)[1]))
+    config = str(ROOT / "configs" / "accelerate" / name)
+    accelerate_launch.launch_command(accelerate_launch.launch_command_parser().parse_args(
+        ["--config_file", config, "--num_processes", "2", "x.py"]))
+    for key in [k for k in os.environ if k.startswith(("ACCELERATE_", "FSDP_"))]:
+        monkeypatch.delenv(key)
+    for key, value in workers.items():
+        if key.startswith("ACCELERATE_"):
+            monkeypatch.setenv(key, value)
+    assert os.environ["ACCELERATE_USE_DEEPSPEED"] == "true"
+    assert launch_zero_stage(0) == stage
+    with pytest.raises(ValueError, match=f"asks for DeepSpeed's ZeRO stage {stage}: leave runtime.zero_stage at 0"):
+        launch_zero_stage(1)
+
+
+def test_a_deepspeed_json_config_is_read_and_offloading_refused(monkeypatch, tmp_path):
+    from steprl.runtime import launch_zero_stage
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(ValueError, match="accelerate asked for DeepSpeed, which steprl does not run"):
+    assert launch_zero_stage(0) == 2  # accelerate's default stage
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu": "auto"}))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(ds))
+    assert launch_zero_stage(0) == 1
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}))
+    with pytest.raises(ValueError, match="DeepSpeed's offloading to the CPU or NVMe, which steprl does not run"):
         launch_zero_stage(0)
-    check_sharded_stages(["pretrain", "sft"], 3)
-    check_sharded_stages(["pretrain", "sft", "grpo"], 1)
-    check_sharded_stages(["pretrain", "sft", "grpo"], 3)
-    with pytest.raises(ValueError, match="zero_stage=3 shards parameters in pretrain, sft, grpo only, not in rm, ppo"):
-        check_sharded_stages(["pretrain", "sft", "rm", "ppo"], 3)
+    ds.write_text("{not json")
+    with pytest.raises(ValueError, match="cannot be read as JSON"):
+        launch_zero_stage(0)
 
 
-def test_a_run_whose_stages_cannot_shard_is_refused_before_it_starts(tmp_path, capsys):
+def test_a_launch_steprl_cannot_run_is_refused_before_a_stage_starts(tmp_path, capsys, monkeypatch):
     from steprl.cli import main
-    assert main(["run", "configs/toy.yaml", f"output_dir={tmp_path}", "stages=[pretrain,sft,ppo]",
-                 "runtime.zero_stage=3"]) == 2
-    assert "shards parameters in pretrain, sft, grpo only, not in ppo" in capsys.readouterr().err
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "nvme")
+    assert main(["run", "configs/toy.yaml", f"output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "DeepSpeed's offloading to the CPU or NVMe, which steprl does not run" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "toy").exists()
 
 
@@ -295,12 +411,16 @@ def test_torchrun_pipeline_writes_once_and_resumes_after_a_kill(tmp_path, zero_s
     """`torchrun --nproc_per_node 2 -m steprl.cli run configs/toy.yaml`: killed (SIGKILL, the whole
     launch) after GRPO's first checkpoint, then the same command again: every stage's metrics are
     its steps exactly once. With whole copies and under FSDP (zero_stage 3: every stage sharded,
-    GRPO sampling from its whole copy, auto-fix on and keeping its shards of the weights)."""
+    GRPO sampling from its whole copy, auto-fix on and keeping its shards of the weights; then a
+    reward model and PPO with a separate critic, full fine-tuning, scored by that reward model)."""
     out = tmp_path / "runs"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", f"--master_port={free_port()}",
            "-m", "steprl.cli", "run", "configs/toy.yaml", f"output_dir={out}", "eval_after=[]", "report_to=[]",
            "grpo.steps=6", "grpo.save_every=2", f"runtime.zero_stage={zero_stage}",
-           *(["doctor.auto_fix=true"] if zero_stage else [])]
+           *(["doctor.auto_fix=true", "stages=[pretrain,sft,grpo,rm,ppo]", "rm.n_pairs=16", "rm.n_test_pairs=8",
+              "rm.epochs=1", "rm.batch_size=8", "ppo.steps=2", "ppo.prompts_per_step=4", "ppo.minibatch_size=4",
+              "ppo.max_new_tokens=12", "ppo.critic=separate", "ppo.lora.enabled=false",
+              "ppo.reward.functions=[{name: accuracy}, {model: rm, weight: 0.1}]"] if zero_stage else [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "STEPRL_NO_PROGRESS": "1"}
     state = out / "toy" / "grpo" / "checkpoint" / "trainer_state.pt"
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -314,7 +434,8 @@ def test_torchrun_pipeline_writes_once_and_resumes_after_a_kill(tmp_path, zero_s
     assert not (out / "toy" / "grpo" / "done.json").exists()
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    for stage, logged in (("grpo", list(range(1, 7))), ("sft", None), ("pretrain", None)):
+    later = [("rm", None), ("ppo", [1, 2])] if zero_stage else []
+    for stage, logged in (("grpo", list(range(1, 7))), ("sft", None), ("pretrain", None), *later):
         steps = [json.loads(x)["step"] for x in (out / "toy" / stage / "metrics.jsonl").read_text().splitlines()]
         assert steps == sorted(set(steps)) and steps, (stage, steps)
         if logged:

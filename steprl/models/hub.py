@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib.metadata
 import importlib.util
 import json
@@ -174,14 +175,31 @@ def _first_line(e: BaseException) -> str:
 
 
 def load_gguf(gguf_path: str | os.PathLike):
-    """Load ``(model, tokenizer)`` straight from a GGUF file (dequantised to fp32, ~25-40 s)."""
+    """Load ``(model, tokenizer)`` straight from a GGUF file (dequantised to fp32)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     g = Path(gguf_path)
     kw = dict(gguf_file=g.name, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(str(g.parent), **kw, **_dtype_kw(torch.float32))
-    tokenizer = AutoTokenizer.from_pretrained(str(g.parent), **kw)
+    with _gguf_parsed_once():
+        model = AutoModelForCausalLM.from_pretrained(str(g.parent), **kw, **_dtype_kw(torch.float32))
+        tokenizer = AutoTokenizer.from_pretrained(str(g.parent), **kw)
     return model.eval(), tokenizer
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """One gguf reader per file and one tensor-name map per architecture while transformers loads
+    a GGUF: it parses the file for the config, the weights and the tokenizer (~8 s each for
+    SmolLM2's 49k-token vocabulary) and rebuilds the name map for every tensor (~9 s in all)."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=None)(reader)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
 @torch.no_grad()

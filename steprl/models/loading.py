@@ -74,6 +74,20 @@ def unwrap_peft(model):
     return model.get_base_model() if is_peft(model) else model
 
 
+def forward_with_hidden(model, **inputs):
+    """(model(**inputs), the decoder's last hidden state [B, T, H]): the trunk's output taken on its
+    way to the head, through the model's own forward, so that FSDP gathers a sharded model's weights
+    (calling the decoder directly would skip the embeddings' gather)."""
+    trunk = []
+    hook = unwrap_peft(model).get_decoder().register_forward_hook(
+        lambda module, args, out: trunk.append(out.last_hidden_state))
+    try:
+        out = model(**inputs)
+    finally:
+        hook.remove()
+    return out, trunk[0]
+
+
 def save_checkpoint(model, tokenizer, directory: Path, base_path: str | None = None,
                     state_dict: dict | None = None) -> None:
     """Hugging Face format: the full model, or the adapter with an absolute base path.

@@ -11,7 +11,7 @@ import resource
 import time
 
 from steprl.config import RunConfig, save_config
-from steprl.runtime import Runtime, check_sharded_stages, is_main_process, launch_zero_stage, setup_runtime
+from steprl.runtime import Runtime, is_main_process, setup_runtime
 from steprl.training.common import done_info, mark_done, stage_dir, write_atomic
 
 
@@ -52,7 +52,6 @@ def evaluate_stage(cfg: RunConfig, stage: str, rt: Runtime) -> dict:
 def run_stage(cfg: RunConfig, stage: str) -> dict:
     """Run (or skip, if done) one stage, evaluate it if asked, and return its summary row."""
     rt = setup_runtime(cfg)
-    check_sharded_stages([stage], rt.zero_stage)
     cfg.runtime.zero_stage = rt.zero_stage  # config.yaml records the stage an accelerate FSDP config asked for
     if rt.is_main:  # rank 0 alone writes the run directory
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -84,7 +83,6 @@ def run_stage(cfg: RunConfig, stage: str) -> dict:
 
 def run(cfg: RunConfig) -> dict:
     t0 = time.perf_counter()
-    check_sharded_stages(cfg.stages, launch_zero_stage(cfg.runtime.zero_stage))  # before any stage runs
     rows = [run_stage(cfg, stage) for stage in cfg.stages]
     summary = {"name": cfg.name, "stages": rows,
                "wall_seconds": sum(r["wall_seconds"] + r.get("eval_seconds", 0.0) for r in rows),

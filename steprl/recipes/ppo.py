@@ -90,7 +90,7 @@ def run(cfg: RunConfig) -> dict:
         kl_ctl = AdaptiveKLController(kl_coef, p.target_kl, p.kl_horizon) if p.adaptive_kl else FixedKLController(kl_coef)
     state = RLState(
         settings=p, policy=policy, runtime=rt,
-        engine=make_engine(cfg.rollout.engine, policy.model, policy.tokenizer, rt.device.type, cfg.rollout.release_memory,
+        engine=make_engine(cfg.rollout.engine, policy.sampler, policy.tokenizer, rt.device.type, cfg.rollout.release_memory,
                            rt.rollout_precision(cfg.rollout.precision)),
         task=task, tools=tools, renderer=renderer, system_suffix=suffix, rollout=cfg.rollout,
         problems=task.problems("train", max(p.steps * p.prompts_per_step, 1000), seed=cfg.seed),
@@ -181,8 +181,11 @@ def ppo_step(state: RLState) -> tuple[dict, list[Trajectory]]:
                 loss = policy_loss + p.vf_coef * value_loss
                 if not torch.isfinite(loss):
                     finite = False
-                    break
-                loss.backward()
+                    if not rt.shards_parameters:
+                        break
+                loss.backward()  # under FSDP also a NaN's: every rank runs every backward, its collectives pair them
+                if not finite:
+                    continue
                 for key, value in (("loss", loss), ("policy_loss", policy_loss), ("value_loss", value_loss)):
                     totals[key] += float(value.detach())
                 stats["entropy"].append(float(masked_mean(entropy, m)))

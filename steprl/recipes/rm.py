@@ -110,6 +110,23 @@ def reward_model_from(base: str):
     return model.float(), tokenizer
 
 
+def rm_model(base: str, c):
+    """(the reward model to train, tokenizer): the implicit RM's language model or a classifier
+    (`reward_model_from`), with LoRA where asked (the classifier's score head trains whole)."""
+    implicit = c.type == "implicit"
+    model, tokenizer = load_policy(base) if implicit else reward_model_from(base)
+    if c.lora.enabled and implicit:
+        model = apply_lora(model, c.lora)
+    elif c.lora.enabled:
+        from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+        model = get_peft_model(model, PeftLoraConfig(
+            r=c.lora.r, lora_alpha=c.lora.alpha, lora_dropout=c.lora.dropout, task_type="SEQ_CLS",
+            target_modules=list(c.lora.target_modules),
+            modules_to_save=["score", *getattr(c.lora, "modules_to_save", [])]))
+    return model, tokenizer
+
+
 def encode_pair(renderer, pair: dict, max_length: int) -> None:
     """Token ids and assistant masks of both sides, cut at max_length."""
     for side in ("chosen", "rejected"):
@@ -164,7 +181,7 @@ def run(cfg: RunConfig) -> dict:
     c, out = cfg.rm, stage_dir(cfg, "rm")
     base = resolve(rm_base(cfg))
     implicit = c.type == "implicit"
-    model, tokenizer = load_policy(base) if implicit else reward_model_from(base)
+    model, tokenizer = rm_model(base, c)
     task = get_task(cfg.task.name, **cfg.task.args)
     bad = [k for k in c.corruptions if k not in task.corruptions]
     if bad:
@@ -185,31 +202,23 @@ def run(cfg: RunConfig) -> dict:
     for p in train + test:
         encode_pair(renderer, p, c.max_length)
 
-    reference = None  # implicit under LoRA: the base with adapters disabled
-    if c.lora.enabled and implicit:
-        model = apply_lora(model, c.lora)
-    elif c.lora.enabled:
-        from peft import LoraConfig as PeftLoraConfig, get_peft_model
-
-        model = get_peft_model(model, PeftLoraConfig(
-            r=c.lora.r, lora_alpha=c.lora.alpha, lora_dropout=c.lora.dropout, task_type="SEQ_CLS",
-            target_modules=list(c.lora.target_modules),
-            modules_to_save=["score", *getattr(c.lora, "modules_to_save", [])]))
-    elif implicit:
+    reference = None  # implicit: a frozen copy of the base (under LoRA: the base with adapters disabled)
+    if implicit and not c.lora.enabled:
         reference = copy.deepcopy(model).requires_grad_(False).to(rt.device)
-    model.to(rt.device).train()
+    # a periodic checkpoint holds the trained parameters in its trainer state only; the final one
+    # is the reward model in Hugging Face format (write_final)
+    ckpt, start = out / "checkpoint", 0
+    state = load_state(ckpt)
+    if state:  # an interrupted run: its weights (before sharding), optimiser and step
+        model.load_state_dict(state["extra"]["weights"], strict=False)
+    model = rt.prepare(model).train()  # sharded under zero_stage 2/3: collect the parameters after
     pad_id = tokenizer.pad_token_id
     score = score_fn(model, pad_id, c.type, c.pooling, reference, c.beta)
     params = [q for q in model.parameters() if q.requires_grad]
     optimizer = rt.adamw(params, lr=c.learning_rate, weight_decay=c.weight_decay)
     steps_per_epoch = (len(train) + c.batch_size - 1) // c.batch_size
     total = steps_per_epoch * c.epochs
-    # a periodic checkpoint holds the trained parameters in its trainer state only; the final one
-    # is the reward model in Hugging Face format (write_final)
-    ckpt, start = out / "checkpoint", 0
-    state = load_state(ckpt)
-    if state:  # an interrupted run: its weights, optimiser and step
-        model.load_state_dict(state["extra"]["weights"], strict=False)
+    if state:
         rt.load_optimizer_state(model, optimizer, state["optimizer"])
         start = state["step"]
     logger = MetricsLogger(out, "rm", report_to=cfg.report_to, live_doctor=cfg.doctor.enabled,
@@ -219,7 +228,8 @@ def run(cfg: RunConfig) -> dict:
                               f"{len(train)} pairs, {len(test)} held out)", initial=start)
 
     def save(step: int, write_model=lambda directory, weights: None) -> None:
-        save_resumable(ckpt, rt, step, optimizer, write_model, extra={"weights": trainable_weights(model)})
+        save_resumable(ckpt, rt, step, optimizer, write_model, extra={"weights": trainable_weights(model)},
+                       model=model)
 
     timer, rng, step = Timer(), random.Random(cfg.seed), start
     if state:  # last: nothing the setup drew shifts the streams
@@ -244,7 +254,7 @@ def run(cfg: RunConfig) -> dict:
             loss = loss * share  # the mean over the whole batch, whichever rank holds which pairs
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            finite = bool(torch.isfinite(loss))
+            finite = rt.agree(bool(torch.isfinite(loss)))  # all ranks run the backward or none: FSDP's is collective
             if finite:
                 loss.backward()
             if not rt.sync_gradients(params, finite):
@@ -273,8 +283,12 @@ def run(cfg: RunConfig) -> dict:
     logger.close()
     ev = pairwise_eval(model, score, test, c.eval_batch_size) if test else {"accuracy": 0.0, "n": 0}
 
-    def write_final(directory, weights):  # weights: None, the reward model is whole on every rank
-        final = model.merge_and_unload() if c.lora.enabled else model
+    def write_final(directory, weights):
+        final = model
+        if weights is not None:  # sharded: the whole weights, gathered on rank 0, into a fresh copy
+            final = rm_model(base, c)[0]
+            final.load_state_dict(weights, strict=False)  # all but a tied LM head (its embedding), as saved
+        final = final.merge_and_unload() if c.lora.enabled else final
         final.config.steprl_rm_pooling = c.pooling  # RewardModelScorer pools the same way
         final.save_pretrained(directory)
         tokenizer.save_pretrained(directory)

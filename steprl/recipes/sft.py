@@ -21,7 +21,7 @@ import torch
 
 from steprl.config import RunConfig
 from steprl.memory import keep_freed_memory
-from steprl.models.loading import apply_lora, load_policy, resolve, save_checkpoint
+from steprl.models.loading import apply_lora, forward_with_hidden, load_policy, resolve, save_checkpoint
 from steprl.monitor import MetricsLogger
 from steprl.training.common import (Timer, cosine_lr, finish, load_state, previous_checkpoint, progress_bar,
                                    restore_streams, save_resumable, set_lr, stage_dir)
@@ -190,13 +190,8 @@ def sft_loss(model, ids, attn, labels) -> torch.Tensor:
     projects the last position only and the trunk's hidden states are taken on their way out
     (through the model's forward, so that FSDP gathers its weights). Logits are fp32 for the loss.
     """
-    trunk = []
-    hook = model.get_decoder().register_forward_hook(lambda module, args, out: trunk.append(out.last_hidden_state))
-    try:
-        model(input_ids=ids, attention_mask=attn, logits_to_keep=1)
-    finally:
-        hook.remove()
-    hidden, target = trunk[0][:, :-1], labels[:, 1:]
+    _, hidden = forward_with_hidden(model, input_ids=ids, attention_mask=attn, logits_to_keep=1)
+    hidden, target = hidden[:, :-1], labels[:, 1:]
     keep = target != -100
     logits = model.get_output_embeddings()(hidden[keep]).float()
     return torch.nn.functional.cross_entropy(logits, target[keep])

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from steprl.models.loading import load_tokenizer, resolve, unwrap_peft
+from steprl.models.loading import forward_with_hidden, load_tokenizer, resolve, unwrap_peft
 from steprl.rollout.chat import ChatRenderer, tool_setup
 from steprl.rollout.episodes import Trajectory
 from steprl.tasks import get_task
@@ -54,9 +54,8 @@ def scores(model, seqs: list[list[int]], pad_id: int, masks: list[list[int]] | N
         ids, attn = (x.to(device) for x in padded(seqs, pad_id))
         return model(input_ids=ids, attention_mask=attn).logits[:, 0].float()
     ids, attn, m = (x.to(device) for x in padded(seqs, pad_id, masks))
-    inner = unwrap_peft(model)
-    hidden = getattr(inner, inner.base_model_prefix)(input_ids=ids, attention_mask=attn).last_hidden_state
-    per_token = inner.score(hidden)[..., 0].float()  # [N, T]
+    _, hidden = forward_with_hidden(model, input_ids=ids, attention_mask=attn)
+    per_token = unwrap_peft(model).score(hidden)[..., 0].float()  # [N, T]
     return (per_token * m).sum(-1) / m.sum(-1).clamp(min=1)
 
 

@@ -190,8 +190,10 @@ def load_state(directory: Path) -> dict | None:
 
 def trainable_weights(model) -> dict:
     """The parameters that train, by name: what a resume needs when the base is rebuilt from its
-    own checkpoint (load back with model.load_state_dict(weights, strict=False))."""
-    return {n: q.detach().clone() for n, q in model.named_parameters() if q.requires_grad}
+    own checkpoint (load back with model.load_state_dict(weights, strict=False)). Whole tensors:
+    under FSDP each is gathered from its shards, so every rank must call it."""
+    return {n: (q.full_tensor() if hasattr(q, "full_tensor") else q).detach().clone()
+            for n, q in model.named_parameters() if q.requires_grad}
 
 
 def mark_done(directory: Path, info: dict) -> None:

@@ -44,6 +44,14 @@ class Policy:
         """The network the rollout engine samples from: the policy, or its whole copy."""
         return self.whole_copy if self.whole_copy is not None else self.model
 
+    @property
+    def trained(self) -> torch.nn.Module:
+        """Everything the optimiser trains, as one module: the policy, or {"policy", "value"} with
+        PPO's value model (a sharded checkpoint names each weight by its place in it)."""
+        if self.value_model is None:
+            return self.model
+        return torch.nn.ModuleDict({"policy": self.model, "value": self.value_model})
+
     def sync_sampler(self) -> None:
         """Under FSDP, gather each trained parameter and copy it into the whole copy; every rank calls
         it. (A rollback by auto-fix changes the shards too: hence before each rollout, not after a step.)"""
@@ -57,11 +65,15 @@ class Policy:
 
     def save(self, directory: Path, weights: dict | None = None) -> None:
         """The policy in Hugging Face format (adapter or full model), the value model beside it.
-        `weights`: the whole state dict save_resumable gathered when the policy is sharded (FSDP), else None."""
+        `weights`: `trained`'s whole state dict, which save_resumable gathers when the parameters
+        are sharded (FSDP), else None (the modules hold them whole)."""
+        critic = self.value_model.state_dict() if self.value_model is not None else None
+        if weights is not None and self.value_model is not None:
+            critic = {k.removeprefix("value."): v for k, v in weights.items() if k.startswith("value.")}
+            weights = {k.removeprefix("policy."): v for k, v in weights.items() if k.startswith("policy.")}
         save_checkpoint(self.model, self.tokenizer, directory, base_path=self.base, state_dict=weights)
-        if self.value_model is not None:
-            critic = {k: v.detach().contiguous() for k, v in self.value_model.state_dict().items()}
-            save_file(critic, str(directory / VALUE_FILE))
+        if critic is not None:
+            save_file({k: v.detach().contiguous() for k, v in critic.items()}, str(directory / VALUE_FILE))
 
 
 def setup_policy(cfg: RunConfig, stage: str, lora: LoraConfig, learning_rate: float, need_ref: bool,
@@ -93,8 +105,8 @@ def setup_policy(cfg: RunConfig, stage: str, lora: LoraConfig, learning_rate: fl
     # weights once more on each rank; the gradients and moments stay sharded)
     whole_copy = copy.deepcopy(model).to(rt.device) if rt.shards_parameters else None
     model = rt.prepare(model)
-    if critic is not None:
-        critic.to(rt.device)
+    if critic is not None:  # a separate critic, a trunk of its own, shards as the policy does; a value head stays whole
+        critic = rt.prepare(critic) if hasattr(critic, "trunk") else critic.to(rt.device)
     if ref_model is not None:
         ref_model.to(rt.device)
     params = [q for q in model.parameters() if q.requires_grad]
@@ -102,12 +114,13 @@ def setup_policy(cfg: RunConfig, stage: str, lora: LoraConfig, learning_rate: fl
     if critic is not None:
         groups.append({"params": list(critic.parameters()), "lr": value_lr or learning_rate})
     optimizer = adamw(groups, rt, weight_decay=0.0)
+    policy = Policy(model, tokenizer, ref_model, base, params, optimizer, state, critic, whole_copy)
     if state:
         peaks = [group["lr"] for group in optimizer.param_groups]
-        rt.load_optimizer_state(model, optimizer, state["optimizer"])
+        rt.load_optimizer_state(policy.trained, optimizer, state["optimizer"])
         for group, lr in zip(optimizer.param_groups, peaks):  # the saved lr was scheduled; train_rl scales the peak
             group["lr"] = lr
-    return Policy(model, tokenizer, ref_model, base, params, optimizer, state, critic, whole_copy)
+    return policy
 
 
 def load_weights(model, directory) -> None:

@@ -183,8 +183,11 @@ def train_rl(cfg: RunConfig, stage: str, state: RLState, rl_step, desc: str, ada
         fixer = AutoFixer(models, s, **({"kl_target": s.target_kl, "kl_horizon": s.kl_horizon}
                                           if getattr(s, "adaptive_kl", False) else {}))
         fixer.snapshot(state.step)  # the starting weights are the first known-good state to roll back to
-        if policy.state and policy.state["extra"].get("autofix"):
-            fixer.load_state_dict(policy.state["extra"]["autofix"])  # the last healthy weights before the checkpoint
+        saved = policy.state["extra"].get("autofix") if policy.state else None
+        if isinstance(saved, list):  # saved sharded, a state per rank: usable with the same number of ranks only
+            saved = saved[rt.rank] if len(saved) == rt.world_size and rt.shards_parameters else None
+        if saved:
+            fixer.load_state_dict(saved)  # the last healthy weights before the checkpoint
     logger = MetricsLogger(out, stage, report_to=cfg.report_to, doctor_context=doctor_context(s),
                            live_doctor=cfg.doctor.enabled, write=rt.is_main)
     # the first step to re-run is logged as step + 1; a fresh start drops what a killed run logged
@@ -246,11 +249,13 @@ def train_rl(cfg: RunConfig, stage: str, state: RLState, rl_step, desc: str, ada
 def save_rl_checkpoint(ckpt, state: RLState, fixer: AutoFixer | None) -> None:
     """The policy (and value model), optimiser, live settings, auto-fix's last healthy weights and
     every rank's random streams, as one checkpoint."""
-    s = state.settings
-    extra = {"settings": {k: getattr(s, k) for k in SETTINGS if hasattr(s, k)},
-             "autofix": fixer.state_dict() if fixer is not None else None}
+    s, rt = state.settings, state.runtime
+    autofix = fixer.state_dict() if fixer is not None else None
+    if autofix is not None and rt.shards_parameters:  # each rank's rollback weights are its own shards
+        autofix = rt.gather([autofix])
+    extra = {"settings": {k: getattr(s, k) for k in SETTINGS if hasattr(s, k)}, "autofix": autofix}
     save_resumable(ckpt, state.runtime, state.step, state.policy.optimizer, state.policy.save,
-                   state.generator, state.rng, extra=extra, model=state.policy.model)
+                   state.generator, state.rng, extra=extra, model=state.policy.trained)
 
 
 def keep_samples_until(path, step: int) -> None:

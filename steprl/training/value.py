@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from steprl.algos import logprobs_and_entropy
-from steprl.models.loading import unwrap_peft
+from steprl.models.loading import forward_with_hidden
 from steprl.rollout.sampling import left_pad
 from steprl.training.passes import completion_logprobs, right_aligned
 
@@ -45,7 +45,8 @@ class Critic(torch.nn.Module):
         self.trunk, self.head = trunk, ValueHead(hidden_size)
 
     def forward(self, trajs):
-        return self.head(completion_hidden(self.trunk, trajs))
+        # a copy, not the head's squeezed view: FSDP cannot hook an in-place op on a returned view, and warns
+        return self.head(completion_hidden(self.trunk, trajs)).clone()
 
 
 def policy_forward(model, trajs, head=None, temperature: float = 1.0):
@@ -54,9 +55,14 @@ def policy_forward(model, trajs, head=None, temperature: float = 1.0):
     if head is None:
         logp, entropy = completion_logprobs(model, trajs, with_entropy=True, temperature=temperature)
         return logp, entropy, None
-    base = unwrap_peft(model)
-    hidden = completion_hidden(base.get_decoder(), trajs)
-    logits = base.get_output_embeddings()(hidden).float() / temperature
+    width = max(len(t.ids) for t in trajs)
+    device = next(model.parameters()).device
+    ids, attn, pos = (x.to(device) for x in left_pad([t.prompt_ids + t.ids for t in trajs], pad_id=0))
+    # the LM head on the completion's positions only; the trunk's states at them feed the value head
+    out, hidden = forward_with_hidden(model, input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
+                                      logits_to_keep=width + 1)
+    hidden = hidden[:, -(width + 1):-1]
+    logits = out.logits[:, :-1].float() / temperature
     targets = right_aligned([t.ids for t in trajs], hidden.shape[1], dtype=torch.long, device=logits.device)
     logp, entropy = logprobs_and_entropy(logits, targets)
     return logp, entropy, head(hidden)
