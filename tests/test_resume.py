@@ -34,7 +34,7 @@ def digits(prompts, completions, **kwargs):
 
 GRPO = ["grpo.steps=6", "grpo.save_every=2", "grpo.learning_rate=0.01", "grpo.warmup_steps=4",
         "doctor.auto_fix=true", "grpo.reward.functions=[{name: 'toy_reward:digits'}]"]
-SFT = ["sft.n_examples=120", "sft.epochs=2", "sft.batch_size=4", "sft.save_every=5", "sft.log_every=1"]
+SFT = ["sft.n_examples=48", "sft.epochs=2", "sft.batch_size=4", "sft.save_every=5", "sft.log_every=1"]
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +129,7 @@ def test_sft_killed_after_its_first_checkpoint_resumes_as_if_never_killed(home):
     kill_after_first_checkpoint(home, cmd, stage_dir)
     run(home, cmd)
     rows = metrics(stage_dir)
-    assert [r["step"] for r in rows] == list(range(1, 55))
+    assert [r["step"] for r in rows] == list(range(1, 23))  # 2 epochs of 11 steps: the resume crosses an epoch
     assert rows == metrics(whole)
     assert_same_weights(adapter(stage_dir), adapter(whole))
 
