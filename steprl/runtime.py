@@ -155,8 +155,11 @@ class Runtime:
                   for g in optimizer.param_groups]
         return {"state": whole, "param_groups": groups}
 
-    def load_optimizer_state(self, model: torch.nn.Module, optimizer, saved: dict) -> None:
-        """Restore what optimizer_state_dict saved (each rank keeps its own share of it)."""
+    def load_optimizer_state(self, model: torch.nn.Module, optimizer, saved: dict | None) -> None:
+        """Restore what optimizer_state_dict saved (each rank keeps its own share of it). None: a
+        stage's last checkpoint, which has none (nothing steps after it)."""
+        if saved is None:
+            return
         by_name = any(isinstance(k, str) for k in saved.get("state", {}))
         if by_name != self.shards_parameters:
             raise ValueError("this checkpoint's optimizer state was saved with parameters "

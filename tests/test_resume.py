@@ -167,3 +167,27 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint(tmp_path):
     commit_checkpoint(ckpt, checkpoint_at(4))  # and a save that completes replaces it whole
     assert load_state(ckpt)["step"] == 4 and (ckpt / "weights.txt").read_text() == "step 4"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+def test_a_stages_last_checkpoint_keeps_no_optimizer_state(tmp_path):
+    """Nothing steps after a stage's last save, so it writes no optimizer state (under sharding,
+    gathering it on rank 0 would be the run's memory peak); a resume from it loads none."""
+    from steprl.runtime import Runtime
+    from steprl.training.common import save_resumable
+
+    rt = Runtime(torch.device("cpu"), "fp32")
+    p = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([p])
+    p.grad = torch.ones(3)
+    optimizer.step()
+
+    def write(directory, weights):
+        (directory / "weights.txt").write_text("w")
+    save_resumable(tmp_path / "mid", rt, 5, optimizer, write)
+    save_resumable(tmp_path / "last", rt, 10, optimizer, write, last=True)
+    assert set(load_state(tmp_path / "mid")["optimizer"]["state"][0]) >= {"exp_avg", "exp_avg_sq"}
+    last = load_state(tmp_path / "last")
+    assert last["step"] == 10 and last["optimizer"] is None and (tmp_path / "last" / "weights.txt").is_file()
+    fresh = torch.optim.AdamW([p])
+    rt.load_optimizer_state(None, fresh, last["optimizer"])
+    assert not fresh.state

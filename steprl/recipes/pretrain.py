@@ -97,7 +97,8 @@ def run(cfg: RunConfig) -> dict:
 
     def save(step: int) -> None:
         save_resumable(ckpt, rt, step, optimizer,
-                       lambda d, weights: save_checkpoint(model, tokenizer, d, state_dict=weights), gen, model=model)
+                       lambda d, weights: save_checkpoint(model, tokenizer, d, state_dict=weights), gen, model=model,
+                       last=step == p.steps)
 
     for step in range(start, p.steps):
         if p.schedule == "wsd":

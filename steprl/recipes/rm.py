@@ -229,7 +229,7 @@ def run(cfg: RunConfig) -> dict:
 
     def save(step: int, write_model=lambda directory, weights: None) -> None:
         save_resumable(ckpt, rt, step, optimizer, write_model, extra={"weights": trainable_weights(model)},
-                       model=model)
+                       model=model, last=step == total)
 
     timer, rng, step = Timer(), random.Random(cfg.seed), start
     if state:  # last: nothing the setup drew shifts the streams

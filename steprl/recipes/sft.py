@@ -128,7 +128,8 @@ def run(cfg: RunConfig) -> dict:
 
     def save(step: int) -> None:
         save_resumable(ckpt, rt, step, optimizer,
-                       lambda d, weights: save_checkpoint(model, tokenizer, d, base, weights), model=model)
+                       lambda d, weights: save_checkpoint(model, tokenizer, d, base, weights), model=model,
+                       last=step == total)
 
     timer, rng, step = Timer(), random.Random(cfg.seed), start
     if state:  # last: nothing the setup drew shifts the streams

@@ -159,15 +159,16 @@ def save_state(directory: Path, step: int, optimizer_state: dict, streams: list[
 
 
 def save_resumable(ckpt: Path, rt, step: int, optimizer, write_model, *own, extra: dict | None = None,
-                   model=None) -> None:
+                   model=None, last: bool = False) -> None:
     """A checkpoint a stage resumes from: every rank's random streams (`own`: the stage's own
     generators) and the optimiser's state gathered, then rank 0 commits `write_model(directory,
     weights)` and the trainer state whole. `weights` is `model`'s whole state dict when its
     parameters are sharded over ranks (gathered here), else None (the model holds them whole).
-    Every rank calls it."""
+    `last`: the stage's final save, after which nothing steps, so no optimiser state (under
+    sharding, gathering it on rank 0 would be the run's memory peak). Every rank calls it."""
     streams = rt.gather([random_streams(*own)])
     weights = rt.full_state_dict(model) if model is not None else None
-    optimizer_state = rt.optimizer_state_dict(model, optimizer)
+    optimizer_state = None if last else rt.optimizer_state_dict(model, optimizer)
     if not rt.is_main:
         return
 

@@ -255,7 +255,7 @@ def save_rl_checkpoint(ckpt, state: RLState, fixer: AutoFixer | None) -> None:
         autofix = rt.gather([autofix])
     extra = {"settings": {k: getattr(s, k) for k in SETTINGS if hasattr(s, k)}, "autofix": autofix}
     save_resumable(ckpt, state.runtime, state.step, state.policy.optimizer, state.policy.save,
-                   state.generator, state.rng, extra=extra, model=state.policy.trained)
+                   state.generator, state.rng, extra=extra, model=state.policy.trained, last=state.step == s.steps)
 
 
 def keep_samples_until(path, step: int) -> None:
