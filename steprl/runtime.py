@@ -110,14 +110,17 @@ class Runtime:
         names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
         return {k: v for k, v in whole.items() if k in names}
 
-    def optimizer_state_dict(self, model: torch.nn.Module, optimizer) -> dict:
-        """The optimiser's whole state, on rank 0, to be saved; every rank must call it. Under
-        zero_stage 1 rank 0 collects the other ranks' shards; under 2/3 it is keyed by parameter name."""
+    def optimizer_state_dict(self, model: torch.nn.Module, optimizer, shards_to: Path | None = None) -> dict:
+        """The optimiser's state for a checkpoint; every rank must call it. Under zero_stage 2/3 each
+        rank writes its own shard into the directory `shards_to` (torch.distributed.checkpoint, by
+        parameter name: nothing is gathered) and the state is {"sharded": its name}; under 1
+        rank 0 collects the other ranks' shards; else it is rank 0's state."""
         if self.shards_parameters:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-            return get_optimizer_state_dict(model, optimizer,
-                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=shards_to)
+            return {"sharded": shards_to.name}  # found beside trainer_state.pt (load_state)
         if isinstance(optimizer, ZeroRedundancyOptimizer):
             return self._gather_zero1_state(optimizer)
         return optimizer.state_dict() if self.is_main else {}
@@ -160,17 +163,20 @@ class Runtime:
         stage's last checkpoint, which has none (nothing steps after it)."""
         if saved is None:
             return
-        by_name = any(isinstance(k, str) for k in saved.get("state", {}))
-        if by_name != self.shards_parameters:
+        sharded = "sharded" in saved
+        if sharded != self.shards_parameters:
             raise ValueError("this checkpoint's optimizer state was saved with parameters "
-                             f"{'sharded' if by_name else 'whole'} (runtime.zero_stage), this launch has them "
+                             f"{'sharded' if sharded else 'whole'} (runtime.zero_stage), this launch has them "
                              f"{'sharded' if self.shards_parameters else 'whole'}: resume it with runtime.zero_stage "
-                             f"{'2 or 3 on several processes' if by_name else '0 or 1'}")
-        if self.shards_parameters:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+                             f"{'2 or 3 on several processes' if sharded else '0 or 1'}")
+        if sharded:  # each rank reads its part, whatever the number of ranks that wrote it
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
             optimizer.zero_grad(set_to_none=True)  # torch builds the state to fill with a step on zero gradients, only when none are left
-            set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+            state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+            dcp.load(state, checkpoint_id=saved["sharded"])
+            set_optimizer_state_dict(model, optimizer, state["optimizer"])
         else:
             optimizer.load_state_dict(saved)
 

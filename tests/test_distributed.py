@@ -297,7 +297,14 @@ held = sum(local(m).numel() for m in moments)  # FSDP's DTensor: this rank's sha
 for batch in batches[1:]:
     step(optimizer, batch)
 weights = rt.full_state_dict(model) or {n: q.detach().clone() for n, q in model.named_parameters()}
-torch.save({"params": weights, "held": held, "saved": len(state["optimizer"]["state"])}, out + str(rt.rank))
+if "sharded" in state["optimizer"]:  # each rank wrote its part: count the parameters and each part's bytes
+    from torch.distributed.checkpoint import FileSystemReader
+    shards = Path(state["optimizer"]["sharded"])
+    saved = sum(k.endswith(".exp_avg") for k in FileSystemReader(shards).read_metadata().state_dict_metadata)
+    parts = sorted(p.stat().st_size for p in shards.glob("*.distcp"))
+else:
+    saved, parts = len(state["optimizer"]["state"]), []
+torch.save({"params": weights, "held": held, "saved": saved, "parts": parts}, out + str(rt.rank))
 del optimizer  # before leaving the group, as a recipe's optimizer is gone when the CLI leaves it
 leave_process_group()
 '''
@@ -315,7 +322,8 @@ def whole_copies(tiny_dir, tmp_path_factory) -> dict:
 @pytest.mark.parametrize("zero_stage", [1, 3])
 def test_zero_stages_shard_the_optimizer_and_resume_like_whole_copies(tiny_dir, whole_copies, tmp_path, zero_stage):
     """Two ranks under `runtime.zero_stage` 1 (AdamW's moments sharded) or 3 (FSDP: weights,
-    gradients and moments): each rank holds part of the moments, the checkpoint all of them, and
+    gradients and moments): each rank holds part of the moments, the checkpoint all of them (under
+    FSDP written by each rank, its own part), and
     after a resume from it the weights equal those of two ranks that each keep everything
     (zero_stage 0), within 1e-6. (Against one process, AdamW's m / sqrt(v) turns the float rounding
     of a two-rank gradient mean into differences of ~1e-5 on near-zero gradients after three steps.)"""
@@ -327,6 +335,9 @@ def test_zero_stages_shard_the_optimizer_and_resume_like_whole_copies(tiny_dir, 
     n, total = len(whole["params"]), whole["held"]
     assert whole["saved"] == n and total == sum(v.numel() for v in whole["params"].values())
     assert ranks[0]["saved"] == n and 0 < ranks[0]["held"] < total and ranks[0]["held"] + ranks[1]["held"] == total
+    if zero_stage == 3:  # each rank wrote its own part of the moments (8 bytes a parameter in all), none gathered
+        parts = ranks[0]["parts"]
+        assert len(parts) == 2 and parts[0] > 0.4 * sum(parts) and sum(parts) > 8 * total
     for name, value in whole["params"].items():
         if zero_stage == 1:  # whole copies on both ranks (under FSDP rank 0 alone gathers them)
             assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), name

@@ -81,6 +81,7 @@ def progress_bar(total: int, desc: str, initial: int = 0):
 # written, so a kill in between resumes at the last step and only saves again.
 
 STATE_FILE = "trainer_state.pt"
+OPTIMIZER_SHARDS = "optimizer"  # under zero_stage 2/3: each rank's part of the optimizer state (torch.distributed.checkpoint)
 DONE_FILE = "done.json"
 
 
@@ -91,16 +92,18 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def commit_checkpoint(directory: Path, write) -> None:
-    """`write(tmp)` fills a temporary sibling of `directory`, which then replaces it.
+def commit_checkpoint(directory: Path, write, staged: bool = False) -> None:
+    """`write(tmp)` fills a temporary sibling of `directory`, which then replaces it (`staged`:
+    the sibling exists already, holding what the other ranks wrote into it).
 
     Two renames (the old one aside, the new one in): a kill between them leaves only the old one,
     aside, and recover_checkpoint puts it back. Atomic against a killed process, not a power cut
     (nothing is fsync'ed).
     """
     tmp, old = _siblings(directory)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if not staged:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     write(tmp)
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -168,7 +171,13 @@ def save_resumable(ckpt: Path, rt, step: int, optimizer, write_model, *own, extr
     sharding, gathering it on rank 0 would be the run's memory peak). Every rank calls it."""
     streams = rt.gather([random_streams(*own)])
     weights = rt.full_state_dict(model) if model is not None else None
-    optimizer_state = None if last else rt.optimizer_state_dict(model, optimizer)
+    staging = _siblings(ckpt)[0]
+    if rt.shards_parameters and not last:  # every rank writes its optimizer shard into the new checkpoint
+        if rt.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        rt.barrier()
+    optimizer_state = None if last else rt.optimizer_state_dict(model, optimizer, staging / OPTIMIZER_SHARDS)
     if not rt.is_main:
         return
 
@@ -176,7 +185,7 @@ def save_resumable(ckpt: Path, rt, step: int, optimizer, write_model, *own, extr
         write_model(directory, weights)
         save_state(directory, step, optimizer_state, streams, extra)
 
-    commit_checkpoint(ckpt, write)
+    commit_checkpoint(ckpt, write, staged=rt.shards_parameters and not last)
 
 
 def load_state(directory: Path) -> dict | None:
@@ -186,7 +195,10 @@ def load_state(directory: Path) -> dict | None:
     path = directory / STATE_FILE
     if not path.is_file():
         return None
-    return torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=False)
+    if isinstance(state["optimizer"], dict) and "sharded" in state["optimizer"]:
+        state["optimizer"]["sharded"] = str(directory / state["optimizer"]["sharded"])
+    return state
 
 
 def trainable_weights(model) -> dict:
