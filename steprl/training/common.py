@@ -1,6 +1,7 @@
 """Small pieces every recipe uses: stage directories, schedules, the optimiser, resumable state."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -118,7 +119,8 @@ def recover_checkpoint(directory: Path) -> None:
     tmp, old = _siblings(directory)
     shutil.rmtree(tmp, ignore_errors=True)
     if old.exists() and not directory.exists():
-        os.replace(old, directory)
+        with contextlib.suppress(FileNotFoundError):  # every rank of a launch recovers; one rename wins
+            os.replace(old, directory)
     shutil.rmtree(old, ignore_errors=True)
 
 
