@@ -78,8 +78,9 @@ def progress_bar(total: int, desc: str, initial: int = 0):
 # A stage's checkpoint directory is only ever replaced whole: commit_checkpoint writes the new one
 # into a temporary sibling and renames it into place, so a kill at any moment leaves either the
 # previous checkpoint or the new one, never a mix of the two. A periodic checkpoint carries
-# trainer_state.pt (step, optimiser, random streams); the final one keeps it until done.json is
-# written, so a kill in between resumes at the last step and only saves again.
+# trainer_state.pt (step, optimiser, random streams); the final one keeps it (without the
+# optimiser: nothing steps after it) until done.json is written, so a kill in between resumes at
+# the last step and only saves again.
 
 STATE_FILE = "trainer_state.pt"
 OPTIMIZER_SHARDS = "optimizer"  # under zero_stage 2/3: each rank's part of the optimizer state (torch.distributed.checkpoint)
@@ -166,8 +167,9 @@ def save_state(directory: Path, step: int, optimizer_state: dict, streams: list[
 def save_resumable(ckpt: Path, rt, step: int, optimizer, write_model, *own, extra: dict | None = None,
                    model=None, last: bool = False) -> None:
     """A checkpoint a stage resumes from: every rank's random streams (`own`: the stage's own
-    generators) and the optimiser's state gathered, then rank 0 commits `write_model(directory,
-    weights)` and the trainer state whole. `weights` is `model`'s whole state dict when its
+    generators) and the optimiser's state gathered (under zero_stage 2/3 each rank writes its own
+    part into the new checkpoint instead), then rank 0 commits `write_model(directory, weights)`
+    and the trainer state whole. `weights` is `model`'s whole state dict when its
     parameters are sharded over ranks (gathered here), else None (the model holds them whole).
     `last`: the stage's final save, after which nothing steps, so no optimiser state (under
     sharding, gathering it on rank 0 would be the run's memory peak). Every rank calls it."""
