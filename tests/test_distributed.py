@@ -78,6 +78,8 @@ for critic in ("separate", "shared"):
                     generator=torch.Generator().manual_seed(0), rng=random.Random(rt.rank),
                     extra={"use_ref": True, "kl_ctl": None})
     metrics, _ = ppo.ppo_step(state)
+    results["ppo/" + critic + "/sharded"] = [hasattr(next(m.parameters()), "full_tensor")
+                                             for m in (policy.model, policy.value_model)]
     results["ppo/" + critic] = rt.full_state_dict(policy.trained) or {
         n: q.detach().clone() for n, q in policy.trained.named_parameters()}
 torch.save(results, out_file + str(rt.rank))
@@ -145,6 +147,8 @@ def test_an_rl_step_on_two_ranks_equals_one_process_on_the_whole_batch(tiny, tin
             torch.testing.assert_close(ranks[0][loss_type][n], one[loss_type][n], atol=1e-5, rtol=0)
             torch.testing.assert_close(fsdp[loss_type][n], one[loss_type][n], atol=1e-5, rtol=0)
             assert torch.equal(fsdp[loss_type + "/sampler"][n], fsdp[loss_type][n]), n  # FSDP's whole copy follows
+    assert fsdp["ppo/separate/sharded"] == [True, True] and fsdp["ppo/shared/sharded"] == [True, False]
+    assert ranks[0]["ppo/separate/sharded"] == [False, False]
     for critic in ("ppo/separate", "ppo/shared"):  # the policy and its value model, sharded alike or (a head) whole
         assert {n.split(".")[0] for n in one[critic]} == {"policy", "value"}
         assert max((one[critic]["policy." + n] - start[n]).abs().max().item() for n in start) > 1e-3
@@ -212,11 +216,23 @@ def test_an_sft_step_on_two_ranks_equals_one_process(tiny_dir, one_process_sft, 
 # against its frozen reference; a checkpoint after the first of two steps.
 RM_WORKER = r'''
 import sys
+from pathlib import Path
 from steprl.config import LoraConfig, RMConfig, RunConfig
 from steprl.recipes import rm
-from steprl.runtime import leave_process_group
+from steprl.runtime import Runtime, leave_process_group
 
 model_dir, out, zero_stage = sys.argv[1:4]
+prepare = Runtime.prepare
+
+
+def recorded(rt, model):  # what the recipe trains: sharded (FSDP's DTensors) or whole
+    model = prepare(rt, model)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / f"sharded{rt.rank}").write_text(str(hasattr(next(model.parameters()), "full_tensor")))
+    return model
+
+
+Runtime.prepare = recorded
 for name, c in [("mean", RMConfig(pooling="mean", lora=LoraConfig(enabled=True, r=4, alpha=8))),
                 ("implicit", RMConfig(type="implicit", lora=LoraConfig(enabled=False)))]:
     c.n_pairs, c.n_test_pairs, c.epochs, c.batch_size, c.warmup_steps, c.save_every, c.log_every = 16, 8, 1, 8, 0, 1, 1
@@ -237,6 +253,8 @@ def test_a_reward_model_sharded_over_two_ranks_equals_one_process(tiny_dir, tmp_
     worker.write_text(RM_WORKER)
     for name, world, zero_stage in [("one", 1, 0), ("fsdp", 2, 3)]:
         launch([str(worker), str(tiny_dir), str(tmp_path / name), str(zero_stage)], world=world)
+    assert [(tmp_path / "fsdp" / f"sharded{r}").read_text() for r in (0, 1)] == ["True", "True"]
+    assert (tmp_path / "one" / "sharded0").read_text() == "False"
     start = load_file(str(tiny_dir / "model.safetensors"))
     for kind in ("mean", "implicit"):
         runs = {k: tmp_path / k / kind / "rm" for k in ("one", "fsdp")}
