@@ -104,14 +104,21 @@ def commit_checkpoint(directory: Path, write, staged: bool = False) -> None:
     """
     tmp, old = _siblings(directory)
     if not staged:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        empty_staging(directory)
     write(tmp)
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(directory, old)
     os.replace(tmp, directory)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def empty_staging(directory: Path) -> Path:
+    """The temporary sibling a new checkpoint of `directory` is written into, created empty."""
+    tmp = _siblings(directory)[0]
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
 
 
 def recover_checkpoint(directory: Path) -> None:
@@ -175,11 +182,10 @@ def save_resumable(ckpt: Path, rt, step: int, optimizer, write_model, *own, extr
     sharding, gathering it on rank 0 would be the run's memory peak). Every rank calls it."""
     streams = rt.gather([random_streams(*own)])
     weights = rt.full_state_dict(model) if model is not None else None
-    staging = _siblings(ckpt)[0]
-    if rt.shards_parameters and not last:  # every rank writes its optimizer shard into the new checkpoint
+    staging, staged = _siblings(ckpt)[0], rt.shards_parameters and not last
+    if staged:  # every rank writes its optimizer shard into the new checkpoint
         if rt.is_main:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
+            empty_staging(ckpt)
         rt.barrier()
     optimizer_state = None if last else rt.optimizer_state_dict(model, optimizer, staging / OPTIMIZER_SHARDS)
     if not rt.is_main:
@@ -189,7 +195,7 @@ def save_resumable(ckpt: Path, rt, step: int, optimizer, write_model, *own, extr
         write_model(directory, weights)
         save_state(directory, step, optimizer_state, streams, extra)
 
-    commit_checkpoint(ckpt, write, staged=rt.shards_parameters and not last)
+    commit_checkpoint(ckpt, write, staged=staged)
 
 
 def load_state(directory: Path) -> dict | None:
