@@ -13,6 +13,7 @@ from __future__ import annotations
 
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from steprl.algos import AdaptiveKLController
 from steprl.monitor.doctor import Finding
@@ -23,7 +24,7 @@ SETTINGS = ("learning_rate", "kl_coef", "micro_batch_size", "num_generations", "
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a tensor: an FSDP parameter's (a DTensor's) local shard, else the tensor."""
-    return t.to_local() if hasattr(t, "to_local") else t
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def micro_batch(settings) -> int:

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from steprl.config import RunConfig
@@ -215,7 +216,7 @@ def trainable_weights(model) -> dict:
     """The parameters that train, by name: what a resume needs when the base is rebuilt from its
     own checkpoint (load back with model.load_state_dict(weights, strict=False)). Whole tensors:
     under FSDP each is gathered from its shards, so every rank must call it."""
-    return {n: (q.full_tensor() if hasattr(q, "full_tensor") else q).detach().clone()
+    return {n: (q.full_tensor() if isinstance(q, DTensor) else q).detach().clone()
             for n, q in model.named_parameters() if q.requires_grad}
 
 

@@ -30,6 +30,12 @@ def plain_passes(model) -> bool:
     return getattr(model, "is_activation_checkpointing", False) or isinstance(model, FSDPModule)
 
 
+def whole_episodes(trajs: list[Trajectory], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention mask, positions) of prompt + completion per row, left-padded: the
+    completions end together, as right_aligned places them."""
+    return tuple(x.to(device) for x in left_pad([t.prompt_ids + t.ids for t in trajs], pad_id=0))
+
+
 def right_aligned(rows: list[list], width: int, fill=0, dtype=torch.float32, device=None) -> torch.Tensor:
     """Rows placed at the right edge of a [len(rows), width] tensor (completions end together)."""
     out = torch.full((len(rows), width), fill, dtype=dtype)
@@ -94,7 +100,7 @@ def completion_logits(model, trajs: list[Trajectory], width: int, beginning=None
                 "common": common + u * max(len(b) - common for b in bodies) + n * (width + 1)}
         plan = min(cost, key=cost.get)
         if plan == "plain" or min(len(b) for b in bodies) < 1 or plain_passes(model):
-            ids, attn, pos = (x.to(device) for x in left_pad([t.prompt_ids + t.ids for t in trajs], pad_id=0))
+            ids, attn, pos = whole_episodes(trajs, device)
             return model(input_ids=ids, attention_mask=attn, position_ids=pos,
                          logits_to_keep=width + 1).logits[:, :-1]
         past = torch.zeros(u, 0, dtype=torch.long, device=device)  # the attention mask of what the cache holds

@@ -11,8 +11,7 @@ import torch
 
 from steprl.algos import logprobs_and_entropy
 from steprl.models.loading import forward_with_hidden
-from steprl.rollout.sampling import left_pad
-from steprl.training.passes import completion_logprobs, right_aligned
+from steprl.training.passes import completion_logprobs, right_aligned, whole_episodes
 
 
 class ValueHead(torch.nn.Module):
@@ -32,7 +31,7 @@ def completion_hidden(trunk, trajs) -> torch.Tensor:
     """Last hidden state at the position before each completion token, [B, K, H] right-aligned."""
     width = max(len(t.ids) for t in trajs)
     device = next(trunk.parameters()).device
-    ids, attn, pos = (x.to(device) for x in left_pad([t.prompt_ids + t.ids for t in trajs], pad_id=0))
+    ids, attn, pos = whole_episodes(trajs, device)
     hidden = trunk(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False).last_hidden_state
     return hidden[:, -(width + 1):-1]
 
@@ -57,7 +56,7 @@ def policy_forward(model, trajs, head=None, temperature: float = 1.0):
         return logp, entropy, None
     width = max(len(t.ids) for t in trajs)
     device = next(model.parameters()).device
-    ids, attn, pos = (x.to(device) for x in left_pad([t.prompt_ids + t.ids for t in trajs], pad_id=0))
+    ids, attn, pos = whole_episodes(trajs, device)
     # the LM head on the completion's positions only; the trunk's states at them feed the value head
     out, hidden = forward_with_hidden(model, input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=False,
                                       logits_to_keep=width + 1)
