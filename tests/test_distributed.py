@@ -160,20 +160,23 @@ def test_an_rl_step_on_two_ranks_equals_one_process_on_the_whole_batch(tiny, tin
 
 
 def sft_args(tiny_dir, lora: bool) -> list[str]:
-    return ["-m", "steprl.cli", "run", "configs/toy.yaml", "name=t", "stages=[sft]", "eval_after=[]",
+    return ["run", "configs/toy.yaml", "name=t", "stages=[sft]", "eval_after=[]",
             f"model.name_or_path={tiny_dir}", "sft.n_examples=16", "sft.batch_size=16", "sft.warmup_steps=0",
             "report_to=[]", f"sft.lora.enabled={str(lora).lower()}"]
 
 
 @pytest.fixture(scope="module")
 def one_process_sft(tiny_dir, tmp_path_factory):
-    """The one-process SFT step that two-rank launches are compared with, run once per LoRA setting."""
+    """The one-process SFT step that two-rank launches are compared with, run once per LoRA setting,
+    in this process (a launch of one would pay the imports again for the same result)."""
+    from steprl.cli import main
+
     runs = {}
 
     def run(lora: bool) -> Path:
         if lora not in runs:
             runs[lora] = tmp_path_factory.mktemp("one")
-            launch([*sft_args(tiny_dir, lora), f"output_dir={runs[lora]}"], world=1)
+            assert main([*sft_args(tiny_dir, lora), f"output_dir={runs[lora]}"]) == 0
         return runs[lora]
     return run
 
@@ -188,11 +191,11 @@ def test_an_sft_step_on_two_ranks_equals_one_process(tiny_dir, one_process_sft, 
     args = sft_args(tiny_dir, lora)
     (tmp_path / "one").symlink_to(one_process_sft(lora), target_is_directory=True)
     if isinstance(zero_stage, int):
-        launch([*args, f"output_dir={tmp_path / 'two'}", f"runtime.zero_stage={zero_stage}"], world=2)
+        launch(["-m", "steprl.cli", *args, f"output_dir={tmp_path / 'two'}", f"runtime.zero_stage={zero_stage}"], world=2)
     else:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "STEPRL_NO_PROGRESS": "1"}
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", zero_stage, "--num_processes", "2",
-               f"--main_process_port={free_port()}", *args, f"output_dir={tmp_path / 'two'}"]
+               f"--main_process_port={free_port()}", "-m", "steprl.cli", *args, f"output_dir={tmp_path / 'two'}"]
         done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         assert "zero_stage: 3" in (tmp_path / "two" / "t" / "config.yaml").read_text()
