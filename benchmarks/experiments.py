@@ -3,8 +3,9 @@
     python benchmarks/experiments.py --base runs/demo --seeds 0 1 2 [--only agentic pbrft ...] [--set k=v ...]
 
 Every arm starts from the base run's pretrained model (its `pretrain/` directory is copied, so
-the pipeline skips that stage; the demo-config arm also reuses its `sft/`) and runs its own SFT and RL stages with `steprl run`, one process
-per arm, so wall time and peak memory are the arm's own. Arms:
+the pipeline skips that stage; the demo-config arm also reuses its `sft/` unless an override changes
+SFT) and runs its own SFT and RL stages with `steprl run`, one process per arm, so wall time and
+peak memory are the arm's own. Arms:
 
   agentic       configs/demo.yaml:   SFT -> GRPO with the calculator (T <= 3)
   pbrft         configs/pbrft.yaml:  SFT -> GRPO, no tools, one turn (T = 1)
@@ -48,7 +49,9 @@ def run_arm(arm: str, seed: int, base: Path, out: Path, extra: list[str]) -> dic
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.copytree(base / "pretrain", run_dir / "pretrain")
         # arms of the same config share one SFT run (the first one's), so they differ only in RL
-        donors = ([base / "sft"] if arm in SHARES_BASE_SFT
+        # (the base's own SFT only where no override changes what SFT does)
+        sft_changed = any(o.startswith(("sft.", "task.", "model.")) for o in extra)
+        donors = ([base / "sft"] if arm in SHARES_BASE_SFT and not sft_changed
                   else [out / f"{a}-s0" / "sft" for a in ARMS if ARMS[a][0] == config])
         sft_donor = next((d for d in donors if (d / "done.json").is_file()), None)
         if sft_donor is not None:
