@@ -47,7 +47,7 @@ def test_doctor_context_follows_the_fixes():
     fx.apply([Finding("kl_explosion", "critical", 5, "", "", {"learning_rate": 1e-5, "kl_coef": 0.1})], step=5)
     fx.shrink_for_oom(step=6)
     assert doctor_context(fx.settings) == {"learning_rate": 1e-5, "kl_coef": 0.1, "num_generations": 8,
-                                     "per_device_batch_size": 4, "max_new_tokens": 512}
+                                     "per_device_batch_size": 4, "max_new_tokens": 512, "max_turns": 3}
 
 
 def test_oom_ladder_one_rung_per_oom_in_order():

@@ -25,6 +25,8 @@ GRPO = {
     "tools/call_frequency": (lambda u: 0.8, 0.04),
     "tools/failure_frequency": (lambda u: 0.1, 0.02),
     "frac_reward_zero_std": (lambda u: 0.2, 0.05),
+    "turns/mean": (lambda u: 1.8 + 0.2 * u, 0.05),
+    "format": (lambda u: 0.95, 0.02),
 }
 SFT = {"loss": (lambda u: 0.6 + 1.4 * math.exp(-4 * u), 0.04)}
 PRETRAIN = {"loss": (lambda u: 2.0 + 2.5 * math.exp(-5 * u), 0.06)}
@@ -64,7 +66,7 @@ HEALTHY = {"grpo": (GRPO, GRPO_EVAL, "grpo"), "sft": (SFT, SFT_EVAL, "sft"),
 def test_healthy_histories_raise_nothing(kind, seed):
     curves, evals, stage = HEALTHY[kind]
     hist = make(curves, seed=seed, evals=evals)
-    ctx = {"stage": stage, "learning_rate": 1e-5}
+    ctx = {"stage": stage, "learning_rate": 1e-5, "max_turns": 3}
     assert codes(diagnose(hist, ctx, final=True), "warning") == {}
     assert codes(diagnose(hist, {}, final=True), "warning") == {}  # stage guessed from metrics
     for i in range(1, len(hist) + 1, 3):  # the live doctor sees every prefix
@@ -243,6 +245,19 @@ def test_entropy_and_tool_use_collapse():
     assert f.severity == "warning" and 58 <= f.step <= 64 and "failure_frequency" in f.evidence
 
 
+def test_turn_limit_when_episodes_stop_answering():
+    """Calls that fill every turn while fewer episodes answer (a hacked per-call bonus) warn; a
+    task that needs every turn and still answers does not, nor a run with no known max_turns."""
+    hacked = make({**GRPO, "turns/mean": (lambda u: min(3.9, 2.0 + 4 * u), 0.05),
+                   "format": (lambda u: max(0.7, 0.97 - 0.6 * u), 0.04)}, n=40)
+    f = only(diagnose(hacked, {"max_turns": 4}, final=True), "turn_limit")
+    assert f.severity == "warning" and 18 <= f.step <= 26 and "max_turns 4" in f.evidence
+    needs_every_turn = make({**GRPO, "turns/mean": (lambda u: min(3.9, 2.0 + 4 * u), 0.05)}, n=40)
+    assert "turn_limit" not in codes(diagnose(needs_every_turn, {"max_turns": 4}, final=True))
+    assert "turn_limit" not in codes(diagnose(hacked, {}, final=True))
+    assert "turn_limit" not in codes(diagnose(hacked, {"max_turns": 8}, final=True))  # far from its limit
+
+
 def _write(path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -271,11 +286,16 @@ def test_main_doctor_json_contract(tmp_path, capsys):
 
 def test_doctor_reads_config_context(tmp_path):
     run = tmp_path / "run"
-    _write(run / "grpo" / "metrics.jsonl", make({**GRPO, "kl": (lambda u: 0.03 if u < 0.6 else 0.8, 0.02)}))
+    _write(run / "grpo" / "metrics.jsonl", make({**GRPO, "kl": (lambda u: 0.03 if u < 0.6 else 0.8, 0.02),
+                                                 "turns/mean": (lambda u: min(3.9, 2.0 + 4 * u), 0.05),
+                                                 "format": (lambda u: max(0.7, 0.97 - 0.6 * u), 0.04)}))
     (run / "config.yaml").write_text("name: run\nsft: {learning_rate: 2.0e-4}\n"
-                                     "grpo:\n  learning_rate: 5.0e-5\n  kl_coef: 0.05\n")
+                                     "grpo:\n  learning_rate: 5.0e-5\n  kl_coef: 0.05\n  max_turns: 4\n"
+                                     "eval: {max_turns: 2}\n")
     f = only(doctor_dir(run), "kl_explosion")
     assert f.fix["learning_rate"] == 1e-5 and f.fix["kl_coef"] == 0.1
+    # grpo's max_turns (4), not eval's (2, where turns of 2.0 at the start would already be at the limit)
+    assert "(max_turns 4)" in only(doctor_dir(run), "turn_limit").evidence
 
 
 def test_metrics_logger(tmp_path, capsys):

@@ -37,7 +37,7 @@ def doctor_context(settings) -> dict:
     in force now (after earlier fixes), not from the config's."""
     return {"learning_rate": settings.learning_rate, "kl_coef": settings.kl_coef,
             "num_generations": settings.num_generations, "per_device_batch_size": micro_batch(settings),
-            "max_new_tokens": settings.max_new_tokens}
+            "max_new_tokens": settings.max_new_tokens, "max_turns": settings.max_turns}
 
 
 class AutoFixer:

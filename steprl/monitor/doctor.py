@@ -40,6 +40,7 @@ CONTEXT_KEYS = {  # context key -> config spellings we accept
     "num_epochs": ("num_epochs", "num_train_epochs", "epochs"),
     "temperature": ("temperature",),
     "max_grad_norm": ("max_grad_norm", "grad_clip"),
+    "max_turns": ("max_turns",),
 }
 
 
@@ -564,9 +565,35 @@ def rule_tool_use_collapse(h: _History, final: bool) -> list[Finding]:
                     + ", redo cold-start SFT on tool trajectories", fix)]
 
 
+def rule_turn_limit(h: _History, final: bool) -> list[Finding]:
+    """Episodes come to run to `max_turns` while fewer of them answer: the policy calls tools
+    instead of finishing, usually because a per-call reward pays for more calls than the task
+    needs. A task that needs every turn keeps answering, and stays quiet here."""
+    limit = _num(h.ctx.get("max_turns"))
+    steps, t = h.get("turns/mean")
+    _, answered = h.get("format")  # the fraction of episodes that gave an answer
+    n = len(t)
+    if not limit or limit < 2 or n < 6 or len(answered) != n:
+        return []
+    k = max(3, min(5, n // 5))
+    t_start, t_end = float(t[:k].mean()), float(t[-k:].mean())
+    a_start, a_end = float(answered[:k].mean()), float(answered[-k:].mean())
+    drop = max(0.15, 3 * _noise(answered) * math.sqrt(2 / k))  # two means of k noisy points apart
+    if t_end < limit - 0.3 or t_start > limit - 0.5 or a_start - a_end < drop:
+        return []
+    sm = _smooth(t, k)
+    since = int(steps[len(sm) - _tail_run(sm >= limit - 0.3) + k - 1])
+    return [Finding("turn_limit", "warning", since,
+                    f"turns/mean {_g(t_start)} -> {_g(t_end)} (max_turns {_g(limit)}), answered (format) "
+                    f"{_g(a_start)} -> {_g(a_end)}: episodes run to the turn limit instead of answering",
+                    "a reward per tool call pays for extra calls: cap it at the calls the task needs, lower it "
+                    "or drop it once the calls are learned, and check that the answer is rewarded above any "
+                    "call bonus; raise max_turns only if the task needs more turns")]
+
+
 RULES = [rule_nan_loss, rule_out_of_memory, rule_kl_explosion, rule_kl_too_low, rule_sampler_mismatch,
          rule_reward_stagnation, rule_reward_collapse, rule_quality_drop, rule_loss_not_decreasing,
-         rule_overfitting, rule_zero_variance_groups, rule_entropy_collapse, rule_tool_use_collapse]
+         rule_overfitting, rule_zero_variance_groups, rule_entropy_collapse, rule_tool_use_collapse, rule_turn_limit]
 
 
 def diagnose(history: list[dict], context: dict | None = None, final: bool = False) -> list[Finding]:
