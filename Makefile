@@ -24,8 +24,10 @@ demo: setup
 	$(VENV)/bin/steprl run configs/demo.yaml
 	$(VENV)/bin/steprl report runs/demo
 
+# Two workers: a third of the suite's time is processes starting (torch and transformers take
+# ~8 s to import, on one core), which a second worker overlaps with the other's work.
 test: setup browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 # Issue 5's benchmark (tens of minutes; run it on an idle machine). TRL is a benchmark-only extra.
 # `make bench BENCH_ARGS="--skip-trl"` etc. pass flags through; `--quick` is the < 1 min smoke check.

@@ -11,7 +11,10 @@ peak memory are the arm's own. Arms:
   pbrft         configs/pbrft.yaml:  SFT -> GRPO, no tools, one turn (T = 1)
   ppo           configs/demo_ppo.yaml: SFT -> PPO with the calculator
   credit-*      configs/credit.yaml: one calculator call per operation (2-3 calls),
-                GRPO or PPO with credit: turn or credit: trajectory
+                GRPO or PPO with credit: turn or credit: trajectory; credit-grpo-needed: GRPO
+                (turn) with the call bonus paid only for the calls the solution needs;
+                credit-grpo-sparse: GRPO (turn) with no call bonus; credit-grpo-autofix: GRPO
+                (turn) with doctor.auto_fix on
 
 Results: a JSON line per arm and seed in OUT/results.jsonl, and a markdown table on stdout
 (mean and spread over seeds of held-out accuracy, wall seconds and peak RSS).
@@ -36,6 +39,15 @@ ARMS = {
     "ppo": ("configs/demo_ppo.yaml", ["stages=[pretrain,sft,ppo]"]),
     "credit-grpo-turn": ("configs/credit.yaml", ["stages=[pretrain,sft,grpo]", "grpo.credit=turn"]),
     "credit-grpo-trajectory": ("configs/credit.yaml", ["stages=[pretrain,sft,grpo]", "grpo.credit=trajectory"]),
+    # the call bonus paid only for the calls the problem's solution makes (2-3), not up to the cap 0.3
+    "credit-grpo-needed": ("configs/credit.yaml", ["stages=[pretrain,sft,grpo]", "grpo.credit=turn",
+                                                   "grpo.reward.tool_success_needed_only=true"]),
+    # no call bonus at all: the answer's reward alone
+    "credit-grpo-sparse": ("configs/credit.yaml", ["stages=[pretrain,sft,grpo]", "grpo.credit=turn",
+                                                   "grpo.reward.tool_success=0.0"]),
+    # the doctor acting live: its turn_limit finding drops the call bonus mid-run
+    "credit-grpo-autofix": ("configs/credit.yaml", ["stages=[pretrain,sft,grpo]", "grpo.credit=turn",
+                                                    "doctor.auto_fix=true"]),
     "credit-ppo-turn": ("configs/credit.yaml", ["stages=[pretrain,sft,ppo]", "ppo.credit=turn"]),
     "credit-ppo-trajectory": ("configs/credit.yaml", ["stages=[pretrain,sft,ppo]", "ppo.credit=trajectory"]),
 }

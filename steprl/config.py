@@ -101,6 +101,9 @@ class RewardConfig:
     correct: float = 1.0  # sparse: +1 for a correct final answer
     tool_success: float = 0.1  # dense: per successful tool call ...
     tool_success_cap: float = 0.2  # ... capped per episode
+    # ... and paid only for the calls a solved episode needs (the task's calls_needed, where it
+    # knows them): at most tool_success x calls_needed, so a call beyond the solution never pays
+    tool_success_needed_only: bool = False
     format_penalty: float = -0.2  # no parsable <answer> at the end of the episode
     functions: list[dict] = field(default_factory=list)  # [{"name": "module:fn", "weight": 1.0}]
 

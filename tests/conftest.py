@@ -4,6 +4,11 @@ import pytest
 
 os.environ.setdefault("STEPRL_NO_PROGRESS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers (pytest -n 2)
+    # the workers share the cores: more threads than cores in all makes torch's kernels spin and
+    # wait on each other (several times slower); the processes the tests launch inherit it too
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(scope="session")

@@ -47,7 +47,17 @@ def test_doctor_context_follows_the_fixes():
     fx.apply([Finding("kl_explosion", "critical", 5, "", "", {"learning_rate": 1e-5, "kl_coef": 0.1})], step=5)
     fx.shrink_for_oom(step=6)
     assert doctor_context(fx.settings) == {"learning_rate": 1e-5, "kl_coef": 0.1, "num_generations": 8,
-                                     "per_device_batch_size": 4, "max_new_tokens": 512, "max_turns": 3}
+                                     "per_device_batch_size": 4, "max_new_tokens": 512, "max_turns": 3,
+                                     "tool_success": 0.1}
+
+
+def test_turn_limit_fix_drops_the_call_bonus():
+    _, fx = fixer()
+    turn_limit = Finding("turn_limit", "warning", 9, "", "", {"tool_success": 0.0})
+    actions = fx.apply([turn_limit], step=9)
+    assert fx.settings.reward.tool_success == 0.0 and "reward.tool_success 0.1 -> 0" in actions[0].evidence
+    assert doctor_context(fx.settings)["tool_success"] == 0.0
+    assert fx.apply([turn_limit], step=10) == []  # already off: no second action
 
 
 def test_oom_ladder_one_rung_per_oom_in_order():

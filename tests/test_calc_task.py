@@ -19,7 +19,7 @@ def test_deterministic_and_disjoint():
 
 def test_answers_are_whole_and_match_the_calculator():
     for p in CalcTask().problems("train", 500):
-        assert 1 <= p.meta["n_ops"] <= 3
+        assert 1 <= p.meta["n_steps"] <= 3
         assert calculator(p.meta["expression"]) == p.answer
         assert Fraction(p.answer).denominator == 1 and int(p.answer) > 0
 
@@ -81,7 +81,7 @@ def test_a_calls_first_number_follows_a_token_that_precedes_numbers_in_pretraini
         call_args = call.split('"expression":', 1)[1]
         before = token_before_first_digit(call_args)
         assert before == token_before_first_digit(f"We compute {p.meta['expression']}")
-        assert before.strip() == "(" * (p.meta["n_ops"] - 1)
+        assert before.strip() == "(" * (p.meta["n_steps"] - 1)
         assert before + p.meta["expression"].lstrip("(")[:1] in corpus  # seen before a digit in pretraining
         assert calculator(call_args.split('"')[1]) == p.answer  # the calculator strips the space
 

@@ -252,6 +252,9 @@ def test_turn_limit_when_episodes_stop_answering():
                    "format": (lambda u: max(0.7, 0.97 - 0.6 * u), 0.04)}, n=40)
     f = only(diagnose(hacked, {"max_turns": 4}, final=True), "turn_limit")
     assert f.severity == "warning" and 18 <= f.step <= 26 and "max_turns 4" in f.evidence
+    assert f.fix == {"tool_success": 0.0}  # auto-fix drops the call bonus
+    unpaid = only(diagnose(hacked, {"max_turns": 4, "tool_success": 0.0}, final=True), "turn_limit")
+    assert unpaid.fix is None and "tool_success" not in unpaid.advice  # no bonus to drop
     needs_every_turn = make({**GRPO, "turns/mean": (lambda u: min(3.9, 2.0 + 4 * u), 0.05)}, n=40)
     assert "turn_limit" not in codes(diagnose(needs_every_turn, {"max_turns": 4}, final=True))
     assert "turn_limit" not in codes(diagnose(hacked, {}, final=True))
@@ -291,11 +294,14 @@ def test_doctor_reads_config_context(tmp_path):
                                                  "format": (lambda u: max(0.7, 0.97 - 0.6 * u), 0.04)}))
     (run / "config.yaml").write_text("name: run\nsft: {learning_rate: 2.0e-4}\n"
                                      "grpo:\n  learning_rate: 5.0e-5\n  kl_coef: 0.05\n  max_turns: 4\n"
+                                     "  reward: {tool_success: 0.0}\n"
+                                     "ppo: {reward: {tool_success: 0.1}}\n"
                                      "eval: {max_turns: 2}\n")
     f = only(doctor_dir(run), "kl_explosion")
     assert f.fix["learning_rate"] == 1e-5 and f.fix["kl_coef"] == 0.1
     # grpo's max_turns (4), not eval's (2, where turns of 2.0 at the start would already be at the limit)
-    assert "(max_turns 4)" in only(doctor_dir(run), "turn_limit").evidence
+    turns = only(doctor_dir(run), "turn_limit")
+    assert "(max_turns 4)" in turns.evidence and turns.fix is None  # grpo's reward pays no calls (ppo's does)
 
 
 def test_metrics_logger(tmp_path, capsys):

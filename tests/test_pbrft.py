@@ -120,20 +120,20 @@ def test_per_op_cold_start_replays_with_every_call_succeeding(cumulative):
             env.reset(p)
             turns = [m for m in conv if m["role"] == "assistant"]
             tool_msgs = [m["content"] for m in conv if m["role"] == "tool"]
-            assert len(turns) == p.meta["n_ops"] + 1 and len(tool_msgs) == p.meta["n_ops"]
+            assert len(turns) == p.meta["n_steps"] + 1 and len(tool_msgs) == p.meta["n_steps"]
             rewards = []
             for k, m in enumerate(turns):
                 r = env.step(m["content"])
                 rewards.append(r.reward)
                 if k < len(turns) - 1:
                     assert not r.done and r.observation == [{"role": "tool", "content": tool_msgs[k]}]
-            assert r.done and env.correct and env.n_calls == p.meta["n_ops"] and env.n_failures == 0
-            assert rewards == pytest.approx([0.1] * p.meta["n_ops"] + [1.0])
+            assert r.done and env.correct and env.n_calls == p.meta["n_steps"] and env.n_failures == 0
+            assert rewards == pytest.approx([0.1] * p.meta["n_steps"] + [1.0])
 
 
 def test_per_op_calls_chain_the_intermediate_results():
     task = CalcTask(one_call_per_op=True)
-    p = next(q for q in task.problems("train", 50) if q.meta["n_ops"] == 3)
+    p = next(q for q in task.problems("train", 50) if q.meta["n_steps"] == 3)
     conv = task.solution_messages(p)
     results = [m["content"] for m in conv if m["role"] == "tool"]
     calls = [m["content"] for m in conv if m["role"] == "assistant"][:-1]
@@ -144,7 +144,7 @@ def test_per_op_calls_chain_the_intermediate_results():
 
 def test_cumulative_calls_are_prefixes_of_the_chain():
     task = CalcTask(one_call_per_op=True, cumulative=True)
-    p = next(q for q in task.problems("train", 50) if q.meta["n_ops"] == 3)
+    p = next(q for q in task.problems("train", 50) if q.meta["n_steps"] == 3)
     conv = task.solution_messages(p)
     turns = [m["content"] for m in conv if m["role"] == "assistant"]
     calls = [json.loads(t.split("\n")[1])["arguments"]["expression"] for t in turns[:-1]]
@@ -178,7 +178,7 @@ def test_per_op_episode_rewards_and_credit_by_hand():
     falls back to the mean G_0 = 0.6.
     """
     task = CalcTask(one_call_per_op=True)
-    p = next(q for q in task.problems("train", 50) if q.meta["n_ops"] == 3)
+    p = next(q for q in task.problems("train", 50) if q.meta["n_steps"] == 3)
     turns = [m["content"] for m in task.solution_messages(p) if m["role"] == "assistant"]
     env = ToolEnv(task, {"calculator": calculator}, RewardConfig(tool_success_cap=0.3), max_turns=4)
     env.reset(p)
@@ -193,6 +193,50 @@ def test_per_op_episode_rewards_and_credit_by_hand():
     env = ToolEnv(task, {"calculator": calculator}, RewardConfig(), max_turns=4)  # default cap 0.2
     env.reset(p)
     assert [env.step(t).reward for t in turns] == pytest.approx([0.1, 0.1, 0.0, 1.0])
+
+
+def test_call_bonus_paid_only_for_the_calls_a_solution_needs():
+    """A 2-op problem under the credit config's cap 0.3: a third, redundant call earns 0.1 more than
+    the solution's two calls (the incentive GRPO learned to exploit). With tool_success_needed_only
+    the cap is 0.1 x 2 calls: the third call pays nothing, and the solved episode keeps 1.2."""
+    task = CalcTask(min_ops=2, max_ops=3, one_call_per_op=True, cumulative=True)
+    p = next(q for q in task.problems("train", 50) if q.meta["n_steps"] == 2)
+    assert task.calls_needed(p) == 2 and CalcTask().calls_needed(p) == 1 and CalcTask(tools=False).calls_needed(p) == 0
+    *calls, answer = [m["content"] for m in task.solution_messages(p) if m["role"] == "assistant"]
+    padded = calls + [calls[-1], answer]  # the last call repeated, then the same answer
+
+    def rewards(turns, **reward):
+        env = ToolEnv(task, {"calculator": calculator}, RewardConfig(tool_success_cap=0.3, **reward), max_turns=4)
+        env.reset(p)
+        return [env.step(t).reward for t in turns]
+
+    assert rewards(padded) == pytest.approx([0.1, 0.1, 0.1, 1.0])
+    assert rewards(padded, tool_success_needed_only=True) == pytest.approx([0.1, 0.1, 0.0, 1.0])
+    assert rewards(calls + [answer], tool_success_needed_only=True) == pytest.approx([0.1, 0.1, 1.0])
+
+
+def test_eval_gives_accuracy_and_calls_by_operations():
+    """A policy that always calls three times shows it per bucket: 2-operation problems, 3 calls."""
+    from types import SimpleNamespace
+
+    from steprl.recipes.evaluate import eval_metrics
+
+    task = CalcTask(min_ops=2, max_ops=3, one_call_per_op=True, cumulative=True)
+    two = [p for p in task.problems("test", 40) if p.meta["n_steps"] == 2][:2]
+    three = [p for p in task.problems("test", 40) if p.meta["n_steps"] == 3][:1]
+    trajs = [SimpleNamespace(problem=p, correct=c, answered=True, n_tool_calls=3, n_tool_failures=0, n_turns=4,
+                             turn_texts=[f"<answer>{p.answer if c else -1}</answer>"])
+             for p, c in zip(two + three, [True, False, True])]
+    by = eval_metrics(task, trajs)["accuracy_by_steps"]
+    assert by == {"2": {"accuracy": 0.5, "n": 2, "tool_calls_per_episode": 3.0},
+                  "3+": {"accuracy": 1.0, "n": 1, "tool_calls_per_episode": 3.0}}
+
+
+def test_gsm8k_calls_needed_counts_the_annotations():
+    from steprl.tasks.gsm8k import Gsm8kTask
+
+    p = Gsm8kTask._problem("x", {"question": "q", "answer": "2*3=<<2*3=6>>6 and 6+4=<<6+4=10>>10.\n#### 10"})
+    assert Gsm8kTask().calls_needed(p) == 2 and Gsm8kTask(tools=False).calls_needed(p) == 0
 
 
 def test_per_op_rm_pairs_for_every_corruption(tiny):

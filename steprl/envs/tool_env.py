@@ -6,7 +6,9 @@
 A turn with tool calls runs them and returns their results as `tool` messages; the episode
 ends on an answer, on a turn with no tool call, or after `max_turns`. Rewards per turn:
     + correct            on the turn that gives the right <answer> (sparse)
-    + tool_success       per tool call that ran without error, at most tool_success_cap in all (dense)
+    + tool_success       per tool call that ran without error, at most tool_success_cap in all (dense);
+                         with tool_success_needed_only, at most tool_success x the calls the
+                         problem's worked solution makes (Task.calls_needed)
     + format_penalty     on the last turn when the episode ends with no parsable <answer>
 Malformed calls and tools that fail come back to the model as "Error: ..." tool messages: the
 episode goes on and the model can recover, as it would in deployment. So does a call still
@@ -59,6 +61,10 @@ class ToolEnv:
         self.problem = problem
         self.turn = 0
         self.tool_reward_given = 0.0
+        self.tool_reward_cap = self.reward_cfg.tool_success_cap
+        needed = self.task.calls_needed(problem) if self.reward_cfg.tool_success_needed_only else None
+        if needed is not None:
+            self.tool_reward_cap = min(self.tool_reward_cap, self.reward_cfg.tool_success * needed)
         self.n_calls = self.n_failures = 0
         self.answer: str | None = None
         self.correct = False
@@ -83,8 +89,8 @@ class ToolEnv:
             result, ok = execute_tool_call(call, self.tools, self.tool_timeout_s)
             self.n_calls += 1
             self.n_failures += not ok
-            if ok and self.tool_reward_given < cfg.tool_success_cap:
-                bonus = min(cfg.tool_success, cfg.tool_success_cap - self.tool_reward_given)
+            if ok and self.tool_reward_given < self.tool_reward_cap:
+                bonus = min(cfg.tool_success, self.tool_reward_cap - self.tool_reward_given)
                 self.tool_reward_given += bonus
                 reward += bonus
             observation.append({"role": "tool", "content": result})

@@ -1,7 +1,7 @@
 """Opt-in auto-fix (`doctor.auto_fix: true`): act on the doctor's findings while a run is on.
 
 The doctor's findings carry a machine-applicable `fix` ({"learning_rate": 1e-5, "kl_coef": 0.1,
-"rollback": True, ...}). `AutoFixer.apply` changes the run's settings accordingly, restores the last
+"rollback": True, "tool_success": 0.0, ...}). `AutoFixer.apply` changes the run's settings accordingly, restores the last
 good weights when asked to roll back, and records every action as a finding that says what
 changed. Between findings, an adaptive KL coefficient (Ziegler et al.) holds KL near the middle of
 the healthy band 0.01-0.1. It edits the stage's live settings (a copy of its config that every
@@ -20,6 +20,7 @@ from steprl.monitor.doctor import Finding
 
 SETTINGS = ("learning_rate", "kl_coef", "micro_batch_size", "num_generations", "max_new_tokens",
             "gradient_checkpointing", "max_grad_norm")  # what auto-fix may change in a stage's config
+REWARD_SETTINGS = ("tool_success",)  # ... and in its reward section
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -37,7 +38,8 @@ def doctor_context(settings) -> dict:
     in force now (after earlier fixes), not from the config's."""
     return {"learning_rate": settings.learning_rate, "kl_coef": settings.kl_coef,
             "num_generations": settings.num_generations, "per_device_batch_size": micro_batch(settings),
-            "max_new_tokens": settings.max_new_tokens, "max_turns": settings.max_turns}
+            "max_new_tokens": settings.max_new_tokens, "max_turns": settings.max_turns,
+            "tool_success": settings.reward.tool_success}
 
 
 class AutoFixer:
@@ -99,12 +101,14 @@ class AutoFixer:
             if not f.fix or f.severity == "info" or f.code == "out_of_memory":
                 continue
             changes = []
-            for key in SETTINGS:
-                if key in f.fix and f.fix[key] != getattr(self.settings, key):
-                    old = getattr(self.settings, key)
-                    setattr(self.settings, key, type(old)(f.fix[key]))
-                    changes.append(f"{key} {old:g} -> {getattr(self.settings, key):g}" if not isinstance(old, bool)
-                                   else f"{key} {old} -> {f.fix[key]}")
+            for where, keys, prefix in ((self.settings, SETTINGS, ""),
+                                        (self.settings.reward, REWARD_SETTINGS, "reward.")):
+                for key in keys:
+                    if key in f.fix and f.fix[key] != getattr(where, key):
+                        old = getattr(where, key)
+                        setattr(where, key, type(old)(f.fix[key]))
+                        changes.append(f"{prefix}{key} {old:g} -> {getattr(where, key):g}" if not isinstance(old, bool)
+                                       else f"{prefix}{key} {old} -> {f.fix[key]}")
             if "kl_coef" in f.fix:
                 self.kl.value = self.settings.kl_coef
             if f.fix.get("rollback") and self.rollback():

@@ -41,6 +41,7 @@ CONTEXT_KEYS = {  # context key -> config spellings we accept
     "temperature": ("temperature",),
     "max_grad_norm": ("max_grad_norm", "grad_clip"),
     "max_turns": ("max_turns",),
+    "tool_success": ("tool_success",),
 }
 
 
@@ -567,8 +568,9 @@ def rule_tool_use_collapse(h: _History, final: bool) -> list[Finding]:
 
 def rule_turn_limit(h: _History, final: bool) -> list[Finding]:
     """Episodes come to run to `max_turns` while fewer of them answer: the policy calls tools
-    instead of finishing, usually because a per-call reward pays for more calls than the task
-    needs. A task that needs every turn keeps answering, and stays quiet here."""
+    instead of finishing. A task that needs every turn keeps answering, and stays quiet here.
+    Measured cause (docs/experiments.md, "Credit assignment"): a per-call reward, even one paid
+    only for the calls the problem needs; the fix turns it off (`tool_success: 0`)."""
     limit = _num(h.ctx.get("max_turns"))
     steps, t = h.get("turns/mean")
     _, answered = h.get("format")  # the fraction of episodes that gave an answer
@@ -583,12 +585,15 @@ def rule_turn_limit(h: _History, final: bool) -> list[Finding]:
         return []
     sm = _smooth(t, k)
     since = int(steps[len(sm) - _tail_run(sm >= limit - 0.3) + k - 1])
+    bonus = h.ctx.get("tool_success")
+    paid = bonus is None or bonus > 0  # unknown counts as paid: the default config pays 0.1 a call
     return [Finding("turn_limit", "warning", since,
                     f"turns/mean {_g(t_start)} -> {_g(t_end)} (max_turns {_g(limit)}), answered (format) "
                     f"{_g(a_start)} -> {_g(a_end)}: episodes run to the turn limit instead of answering",
-                    "a reward per tool call pays for extra calls: cap it at the calls the task needs, lower it "
-                    "or drop it once the calls are learned, and check that the answer is rewarded above any "
-                    "call bonus; raise max_turns only if the task needs more turns")]
+                    ("the per-call reward teaches calling for its own sake: drop it once the calls are learned "
+                     "(reward.tool_success 0) or use PPO, whose critic values each turn; " if paid else "")
+                    + "check that the answer is rewarded above everything else; raise max_turns only if the "
+                    "task needs more turns", {"tool_success": 0.0} if paid else None)]
 
 
 RULES = [rule_nan_loss, rule_out_of_memory, rule_kl_explosion, rule_kl_too_low, rule_sampler_mismatch,

@@ -108,6 +108,14 @@ class Task:
         """A successful episode as chat messages: the prompt, tool calls and results, the answer."""
         raise NotImplementedError(f"task '{self.name}' has no worked solutions")
 
+    def calls_needed(self, problem: Problem) -> int | None:
+        """How many tool calls the problem's worked solution makes; None when the task has none."""
+        try:
+            solution = self.solution_messages(problem)
+        except NotImplementedError:
+            return None
+        return None if solution is None else sum(m["role"] == "tool" for m in solution)
+
     def cold_start(self, n: int, seed: int = 0) -> list[list[dict]]:
         raise NotImplementedError(f"task '{self.name}' has no cold-start trajectories")
 

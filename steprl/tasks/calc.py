@@ -186,7 +186,7 @@ class CalcTask(Task):
             if question in exclude:
                 continue
             exclude.add(question)
-            meta = {"expression": chain_expression(start, steps), "n_ops": len(steps),
+            meta = {"expression": chain_expression(start, steps), "n_steps": len(steps),
                     "start": start, "steps": steps}
             out.append(Problem(f"{split}-{seed}-{len(out)}", question, str(result), meta))
         return out
@@ -224,6 +224,9 @@ class CalcTask(Task):
             return [(chain_expression(start, steps[:k]), r)
                     for k, (_, r) in enumerate(self._steps(problem), 1)]
         return self._steps(problem)
+
+    def calls_needed(self, problem: Problem) -> int:
+        return len(self._calls(problem)) if self.use_tools else 0
 
     def solution_messages(self, problem: Problem) -> list[dict]:
         """A successful trajectory: the direct answer (no tools), one calculator call per

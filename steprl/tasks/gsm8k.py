@@ -182,6 +182,10 @@ class Gsm8kTask(Task):
             start = m.end()
         return self.prompt_messages(problem) + turns + [{"role": "assistant", "content": f"{body[start:]} {final}"}]
 
+    def calls_needed(self, problem: Problem) -> int:
+        """The calculator annotations of the reference solution (one call each)."""
+        return problem.meta["n_steps"] if self.use_tools else 0
+
     def cold_start(self, n: int, seed: int = 0) -> list[list[dict]]:
         out = []
         for p in self.problems("train", seed=seed):
