@@ -13,8 +13,8 @@ peak memory are the arm's own. Arms:
   credit-*      configs/credit.yaml: one calculator call per operation (2-3 calls),
                 GRPO or PPO with credit: turn or credit: trajectory; credit-grpo-needed: GRPO
                 (turn) with the call bonus paid only for the calls the solution needs;
-                credit-grpo-sparse: GRPO (turn) with no call bonus; credit-grpo-autofix: GRPO
-                (turn) with doctor.auto_fix on
+                credit-grpo-sparse / credit-ppo-sparse: GRPO / PPO (turn) with no call bonus;
+                credit-grpo-autofix: GRPO (turn) with doctor.auto_fix on
 
 Results: a JSON line per arm and seed in OUT/results.jsonl, and a markdown table on stdout
 (mean and spread over seeds of held-out accuracy, wall seconds and peak RSS).
@@ -49,6 +49,8 @@ ARMS = {
     "credit-grpo-autofix": ("configs/credit.yaml", ["stages=[pretrain,sft,grpo]", "grpo.credit=turn",
                                                     "doctor.auto_fix=true"]),
     "credit-ppo-turn": ("configs/credit.yaml", ["stages=[pretrain,sft,ppo]", "ppo.credit=turn"]),
+    "credit-ppo-sparse": ("configs/credit.yaml", ["stages=[pretrain,sft,ppo]", "ppo.credit=turn",
+                                                  "ppo.reward.tool_success=0.0"]),
     "credit-ppo-trajectory": ("configs/credit.yaml", ["stages=[pretrain,sft,ppo]", "ppo.credit=trajectory"]),
 }
 
