@@ -5,7 +5,7 @@ import torch
 
 from steprl.algos import aggregate_loss
 from steprl.config import GRPOConfig, PPOConfig
-from steprl.monitor.autofix import AutoFixer, doctor_context
+from steprl.monitor.autofix import AutoFixer, doctor_context, fixable_settings, restore_settings
 from steprl.monitor.doctor import Finding
 
 
@@ -58,6 +58,18 @@ def test_turn_limit_fix_drops_the_call_bonus():
     assert fx.settings.reward.tool_success == 0.0 and "reward.tool_success 0.1 -> 0" in actions[0].evidence
     assert doctor_context(fx.settings)["tool_success"] == 0.0
     assert fx.apply([turn_limit], step=10) == []  # already off: no second action
+
+
+def test_a_checkpoint_keeps_what_auto_fix_changed():
+    _, fx = fixer()
+    fx.apply([Finding("turn_limit", "warning", 9, "", "", {"tool_success": 0.0}),
+              Finding("kl_explosion", "critical", 9, "", "", {"learning_rate": 1e-5})], step=9)
+    saved = fixable_settings(fx.settings)
+    assert saved["tool_success"] == 0.0 and saved["learning_rate"] == 1e-5
+    resumed = GRPOConfig(learning_rate=5e-5)  # the config as written
+    restore_settings(resumed, saved)
+    assert resumed.reward.tool_success == 0.0 and resumed.learning_rate == 1e-5
+    assert fixable_settings(resumed) == saved and not hasattr(resumed, "tool_success")
 
 
 def test_oom_ladder_one_rung_per_oom_in_order():

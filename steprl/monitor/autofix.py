@@ -33,6 +33,20 @@ def micro_batch(settings) -> int:
     return settings.micro_batch_size or settings.minibatch_size
 
 
+def fixable_settings(settings) -> dict:
+    """The values auto-fix may have changed, for a checkpoint: {"learning_rate": ..., "tool_success": ...}."""
+    out = {k: getattr(settings, k) for k in SETTINGS if hasattr(settings, k)}
+    out.update({k: getattr(settings.reward, k) for k in REWARD_SETTINGS})
+    return out
+
+
+def restore_settings(settings, saved: dict) -> None:
+    """Put a checkpoint's `fixable_settings` back into the live settings (a resumed run goes on
+    with what auto-fix had changed, not with the config as written)."""
+    for key, value in saved.items():
+        setattr(settings.reward if key in REWARD_SETTINGS else settings, key, value)
+
+
 def doctor_context(settings) -> dict:
     """The doctor's view of the settings in force, so that its advice starts from the values
     in force now (after earlier fixes), not from the config's."""

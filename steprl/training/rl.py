@@ -20,7 +20,7 @@ import torch
 from steprl.config import ConfigError, GRPOConfig, PPOConfig, RolloutConfig, RunConfig
 from steprl.monitor import MetricsLogger
 from steprl.monitor.doctor import read_jsonl
-from steprl.monitor.autofix import REWARD_SETTINGS, SETTINGS, AutoFixer, doctor_context, handle_oom
+from steprl.monitor.autofix import AutoFixer, doctor_context, fixable_settings, handle_oom, restore_settings
 from steprl.envs.tool_env import make_envs
 from steprl.rollout.episodes import Trajectory, run_episodes
 from steprl.rollout.sampling import SamplingParams
@@ -176,8 +176,7 @@ def train_rl(cfg: RunConfig, stage: str, state: RLState, rl_step, desc: str, ada
     models = [m for m in (policy.model, policy.value_model) if m is not None]
     if policy.state:
         state.step = policy.state["step"]
-        for key, value in policy.state["extra"].get("settings", {}).items():
-            setattr(s.reward if key in REWARD_SETTINGS else s, key, value)
+        restore_settings(s, policy.state["extra"].get("settings", {}))
     fixer = None
     if cfg.doctor.auto_fix:
         fixer = AutoFixer(models, s, **({"kl_target": s.target_kl, "kl_horizon": s.kl_horizon}
@@ -253,9 +252,7 @@ def save_rl_checkpoint(ckpt, state: RLState, fixer: AutoFixer | None) -> None:
     autofix = fixer.state_dict() if fixer is not None else None
     if autofix is not None and rt.shards_parameters:  # each rank's rollback weights are its own shards
         autofix = rt.gather([autofix])
-    settings = {k: getattr(s, k) for k in SETTINGS if hasattr(s, k)}
-    settings.update({k: getattr(s.reward, k) for k in REWARD_SETTINGS})
-    extra = {"settings": settings, "autofix": autofix}
+    extra = {"settings": fixable_settings(s), "autofix": autofix}
     save_resumable(ckpt, state.runtime, state.step, state.policy.optimizer, state.policy.save,
                    state.generator, state.rng, extra=extra, model=state.policy.trained, last=state.step == s.steps)
 
