@@ -33,18 +33,21 @@ def micro_batch(settings) -> int:
     return settings.micro_batch_size or settings.minibatch_size
 
 
+def holder(settings, key: str):
+    """The part of a stage's settings that holds `key`: its reward section or the stage itself."""
+    return settings.reward if key in REWARD_SETTINGS else settings
+
+
 def fixable_settings(settings) -> dict:
     """The values auto-fix may have changed, for a checkpoint: {"learning_rate": ..., "tool_success": ...}."""
-    out = {k: getattr(settings, k) for k in SETTINGS if hasattr(settings, k)}
-    out.update({k: getattr(settings.reward, k) for k in REWARD_SETTINGS})
-    return out
+    return {k: getattr(holder(settings, k), k) for k in SETTINGS + REWARD_SETTINGS if hasattr(holder(settings, k), k)}
 
 
 def restore_settings(settings, saved: dict) -> None:
     """Put a checkpoint's `fixable_settings` back into the live settings (a resumed run goes on
     with what auto-fix had changed, not with the config as written)."""
     for key, value in saved.items():
-        setattr(settings.reward if key in REWARD_SETTINGS else settings, key, value)
+        setattr(holder(settings, key), key, value)
 
 
 def doctor_context(settings) -> dict:
@@ -115,14 +118,14 @@ class AutoFixer:
             if not f.fix or f.severity == "info" or f.code == "out_of_memory":
                 continue
             changes = []
-            for where, keys, prefix in ((self.settings, SETTINGS, ""),
-                                        (self.settings.reward, REWARD_SETTINGS, "reward.")):
-                for key in keys:
-                    if key in f.fix and f.fix[key] != getattr(where, key):
-                        old = getattr(where, key)
-                        setattr(where, key, type(old)(f.fix[key]))
-                        changes.append(f"{prefix}{key} {old:g} -> {getattr(where, key):g}" if not isinstance(old, bool)
-                                       else f"{prefix}{key} {old} -> {f.fix[key]}")
+            for key in SETTINGS + REWARD_SETTINGS:
+                where = holder(self.settings, key)
+                if key in f.fix and f.fix[key] != getattr(where, key):
+                    old = getattr(where, key)
+                    setattr(where, key, type(old)(f.fix[key]))
+                    name = "reward." + key if key in REWARD_SETTINGS else key
+                    changes.append(f"{name} {old:g} -> {getattr(where, key):g}" if not isinstance(old, bool)
+                                   else f"{name} {old} -> {f.fix[key]}")
             if "kl_coef" in f.fix:
                 self.kl.value = self.settings.kl_coef
             if f.fix.get("rollback") and self.rollback():

@@ -225,9 +225,6 @@ class CalcTask(Task):
                     for k, (_, r) in enumerate(self._steps(problem), 1)]
         return self._steps(problem)
 
-    def calls_needed(self, problem: Problem) -> int:
-        return len(self._calls(problem)) if self.use_tools else 0
-
     def solution_messages(self, problem: Problem) -> list[dict]:
         """A successful trajectory: the direct answer (no tools), one calculator call per
         operation (one_call_per_op), or one call with the chain expression; then the answer."""
