@@ -226,3 +226,19 @@ def test_ppo_oom_halves_the_micro_batch_and_retries(base, tmp_path, monkeypatch)
     assert rows[0] == {"step": 1, "event": "oom"} and rows[-1]["step"] == 1 and "loss" in rows[-1]
     action = next(d for d in doctor if d["code"] == "out_of_memory" and d["severity"] == "info")
     assert "micro_batch_size 4 -> 2" in action["evidence"] and "num_generations" not in action["evidence"]
+
+
+def test_ppo_dropped_call_bonus_marks_the_reward_as_changed(base, tmp_path, monkeypatch):
+    """When auto-fix changes the reward (turn_limit's fix drops the call bonus), the trainer logs a
+    "reward_changed" event at that step, so the doctor never compares the new rewards with the old."""
+    from steprl.monitor import doctor
+
+    def turn_limit_once(h, final):
+        return [Finding("turn_limit", "warning", 1, "", "", {"tool_success": 0.0})]
+
+    monkeypatch.setattr(doctor, "RULES", [turn_limit_once])
+    rows, found = ppo_run(base, tmp_path, steps=2, critic="shared")
+    assert [r["step"] for r in rows] == [1, 1, 2] and rows[1] == {"step": 1, "event": "reward_changed"}
+    action = next(d for d in found if d["severity"] == "info")
+    assert "reward.tool_success 0.1 -> 0" in action["evidence"]
+    assert doctor._History(rows, {}).get("reward")[0].tolist() == [2]

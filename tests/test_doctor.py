@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from steprl.monitor import Finding, MetricsLogger, diagnose, doctor_dir
-from steprl.monitor.doctor import main_doctor
+from steprl.monitor.doctor import _History, main_doctor
 
 # key -> (curve over u in [0, 1], noise sd). Values are clamped at 0 (all these metrics are >= 0).
 GRPO = {
@@ -177,6 +177,61 @@ def test_reward_that_falls_from_the_start_is_a_collapse_not_stagnation():
         assert not any("reward_collapse" in codes(diagnose(hist[:i], ctx)) for i in range(20, 101, 3))
 
 
+# GRPO on the credit task with auto-fix (runs/exp-credit/credit-grpo-autofix-s2): turn_limit's fix
+# dropped the +0.1 per call after step 12, and the reward fell with the bonus, not with the policy
+# (accuracy 0.24 before, 0.19 after). Without the trainer's "reward_changed" event the doctor read
+# the fall as a collapse (critical) and auto-fix rolled the run back and cut its learning rate.
+DROPPED_BONUS = {
+    "reward": [0.377, 0.225, 0.403, 0.295, 0.483, 0.547, 0.412, 0.487, 0.495, 0.488, 0.42, 0.464, 0.3, 0.212,
+               0.134, 0.016, 0.194, 0.056, 0.228, 0.037],
+    "reward_std": [0.486, 0.302, 0.446, 0.369, 0.424, 0.411, 0.383, 0.368, 0.356, 0.309, 0.305, 0.221, 0.265,
+                   0.281, 0.226, 0.228, 0.26, 0.245, 0.407, 0.226],
+    "accuracy": [0.281, 0.125, 0.266, 0.172, 0.328, 0.359, 0.219, 0.25, 0.281, 0.281, 0.219, 0.25, 0.328, 0.25,
+                 0.188, 0.078, 0.234, 0.094, 0.266, 0.094]}
+
+
+def test_a_changed_reward_is_not_compared_with_the_old_one():
+    ctx = {"stage": "grpo", "learning_rate": 2e-4, "kl_coef": 0.02}
+    rows = [{"step": i + 1, **{k: v[i] for k, v in DROPPED_BONUS.items()}} for i in range(20)]
+    assert codes(diagnose(rows, ctx, final=True)).get("reward_collapse") == "critical"  # the misreading
+    marked = rows[:12] + [{"step": 12, "event": "reward_changed"}] + rows[12:]
+    found = codes(diagnose(marked, ctx, final=True))
+    assert "reward_collapse" not in found and "reward_stagnation" not in found
+    # only the reward's own series are cut: the steps after the change still count for accuracy
+    h = _History(marked, ctx)
+    assert list(h.get("reward")[0]) == list(range(13, 21)) and len(h.get("accuracy")[0]) == 20
+    # a real fall after the change is still seen
+    fall = [{"step": s, "reward": 0.5 if s <= 22 else 0.05, "reward_std": 0.3, "accuracy": 0.3 if s <= 22 else 0.05}
+            for s in range(13, 33)]
+    assert "reward_collapse" in codes(diagnose(marked[:13] + fall, ctx, final=True))
+
+
+# PPO from the demo_ppo cold start (SFT 0.97 held-out): 40 steps with 84-94% of sampled episodes
+# correct from the first. A flat reward there is a plateau near the ceiling; the warning's fix (5x
+# the learning rate) would risk what the cold start gave.
+NEAR_CEILING = {
+    "reward": [0.97, 0.969, 0.891, 1.031, 0.998, 1.019, 0.95, 0.833, 0.984, 0.966, 0.889, 0.892, 1.006, 0.972, 1.005,
+               0.998, 1.0, 1.034, 0.933, 0.931, 0.969, 0.984, 1.033, 0.969, 0.969, 0.953, 0.917, 0.919, 0.952, 0.995,
+               0.98, 0.834, 0.947, 1.031, 0.945, 0.938, 0.972, 0.973, 0.998, 1.003],
+    "reward_std": [0.376, 0.35, 0.42, 0.27, 0.32, 0.282, 0.377, 0.469, 0.334, 0.36, 0.422, 0.415, 0.294, 0.342,
+                   0.299, 0.32, 0.315, 0.256, 0.394, 0.398, 0.35, 0.329, 0.264, 0.35, 0.35, 0.366, 0.407, 0.403,
+                   0.372, 0.331, 0.349, 0.466, 0.384, 0.27, 0.389, 0.382, 0.342, 0.338, 0.32, 0.304],
+    "accuracy": [0.891, 0.875, 0.797, 0.938, 0.906, 0.922, 0.859, 0.75, 0.891, 0.875, 0.797, 0.797, 0.906, 0.875,
+                 0.906, 0.906, 0.906, 0.938, 0.844, 0.844, 0.875, 0.891, 0.938, 0.875, 0.875, 0.859, 0.828, 0.828,
+                 0.859, 0.906, 0.891, 0.75, 0.859, 0.938, 0.859, 0.844, 0.875, 0.875, 0.906, 0.906]}
+
+
+def test_a_flat_reward_near_the_ceiling_is_info_without_a_fix():
+    ctx = {"stage": "ppo", "learning_rate": 2e-4, "kl_coef": 0.02}
+    rows = [{"step": i + 1, **{k: v[i] for k, v in NEAR_CEILING.items()}} for i in range(40)]
+    f = only(diagnose(rows, ctx, final=True), "reward_stagnation")
+    assert f.severity == "info" and f.fix is None and "87% of sampled episodes" in f.evidence
+    # the same rewards with a third of the episodes correct: a run that fails to learn
+    low = [dict(r, accuracy=r["accuracy"] - 0.55) for r in rows]
+    f = only(diagnose(low, ctx, final=True), "reward_stagnation")
+    assert f.severity == "warning" and f.fix == {"learning_rate": 1e-3, "kl_coef": 0.01}
+
+
 def test_quality_drop():
     hist = make({**GRPO, "completions/clipped_ratio": (lambda u: 0.02 if u < 0.5 else 0.5, 0.02),
                  "rewards/format": (lambda u: 0.9 if u < 0.5 else 0.4, 0.03)})
@@ -184,7 +239,13 @@ def test_quality_drop():
     assert f.severity == "warning" and "clipped_ratio" in f.evidence and "rewards/format" in f.evidence
     assert f.fix == {"kl_coef": 0.1} and "combined reward" in f.advice
     longer = make({**GRPO, "completions/mean_length": (lambda u: 100 + 300 * u, 8)})
-    assert "mean_length" in only(diagnose(longer), "quality_drop").evidence
+    assert "mean_length per turn" in only(diagnose(longer), "quality_drop").evidence
+    # episodes 2.5x longer because they take 2.5x the turns (PPO on the credit task: 1.8 -> 3.4 turns,
+    # 40 -> 105 tokens) are the calls RL taught, not verbose turns
+    more_turns = make({**GRPO, "completions/mean_length": (lambda u: 40 + 110 * u, 3),
+                       "turns/mean": (lambda u: 1.2 + 2.8 * u, 0.05)})
+    assert "quality_drop" not in codes(diagnose(more_turns))
+    assert "quality_drop" in codes(diagnose([{k: v for k, v in e.items() if k != "turns/mean"} for e in more_turns]))
 
 
 def test_loss_not_decreasing_flat_and_diverging():

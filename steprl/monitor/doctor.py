@@ -10,6 +10,8 @@ machine-applicable `fix` dict lets an auto-fix loop act on it.
 
 Rules must stay quiet on healthy runs: every judgement compares a change against the series' own
 noise (estimated from step-to-step differences) and asks for a sustained pattern, never one blip.
+Rewards are compared only on one scale: after a change of the reward mid-run (the trainer's event
+"reward_changed") the reward's series start again.
 """
 from __future__ import annotations
 
@@ -28,6 +30,11 @@ KL_SPIKE = 2.5  # one logged step at 5x the critical line is an explosion on its
 INT_KEYS = {"num_generations", "per_device_batch_size", "max_new_tokens", "num_epochs"}
 RL_STAGES = {"grpo", "ppo", "rl"}
 RL_METRICS = ("reward", "reward_std", "kl")  # logged by RL stages only
+# series on the reward's scale: a change of the reward (event "reward_changed", logged when auto-fix
+# drops the call bonus) makes the steps before it incomparable with the steps after
+REWARD_SCALED = ("reward", "reward_std", "frac_reward_zero_std")
+# sampled accuracy from which a flat reward is a plateau near the ceiling, not a run that fails to learn
+NEAR_CEILING = 0.8
 STAGE_ORDER = ["pretrain", "sft", "rm", "grpo", "ppo", "eval"]
 CONTEXT_KEYS = {  # context key -> config spellings we accept
     "learning_rate": ("learning_rate", "lr"),
@@ -81,12 +88,15 @@ def _round(x: float) -> float:
 
 
 class _History:
-    """Cached, finite-only access to the series of one stage."""
+    """Cached, finite-only access to the series of one stage; the reward's series only since its
+    last change (the `reward_since` step)."""
 
     def __init__(self, history: list[dict], context: dict):
         self.raw = [e for e in history if isinstance(e, dict)]
         self.ctx = dict(context)
         self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self.reward_since = max((int(_num(e.get("step")) or 0) for e in self.raw
+                                 if e.get("event") == "reward_changed"), default=None)
         # no config value: fall back to the logged ones (peak lr of the schedule, current kl_coef)
         for key, pick in (("learning_rate", np.max), ("kl_coef", lambda v: v[-1])):
             vals = self.get(key)[1]
@@ -98,6 +108,8 @@ class _History:
         if key not in self._cache:
             pts = [(int(_num(e.get("step")) or 0), _num(e[key])) for e in self.raw if key in e]
             pts = [(s, v) for s, v in pts if v is not None and math.isfinite(v)]
+            if key in REWARD_SCALED and self.reward_since is not None:
+                pts = [(s, v) for s, v in pts if s > self.reward_since]
             self._cache[key] = (np.array([p[0] for p in pts], dtype=np.int64),
                                 np.array([p[1] for p in pts], dtype=float))
         return self._cache[key]
@@ -321,15 +333,23 @@ def rule_reward_stagnation(h: _History, final: bool) -> list[Finding]:
     z = 1.64 if final else 2.33  # live looks at every step: stricter against repeated chances
     if rise > max(1.64 * se_rise, tol) or run_rise + z * se_run > tol:
         return []
-    if run_rise + z * se_run < -tol:  # confidently below the start: falling, not flat (reward_collapse)
+    # falling, not flat (reward_collapse): confidently below the start, or a confident downward trend
+    if run_rise + z * se_run < -tol or rise < -max(1.64 * se_rise, tol):
         return []
+    evidence = (f"reward flat at {_g(float(win.mean()))} +- {_g(sigma)} over the last {w} logged steps "
+                f"(steps {steps[-w]}-{steps[-1]}): trend {rise:+.3g}, gain since start {run_rise:+.3g} "
+                f"(meaningful: {_g(tol)})")
+    acc_s, acc = h.get("accuracy")
+    acc = acc[acc_s >= steps[-w]]
+    if len(acc) and float(np.mean(acc)) >= NEAR_CEILING:  # a raised learning rate would risk what was learned
+        return [Finding("reward_stagnation", "info", int(steps[-w]),
+                        evidence + f", with {float(np.mean(acc)):.0%} of sampled episodes already correct",
+                        "a plateau near the ceiling: little is left to learn on these prompts (greedy "
+                        "accuracy is usually above the sampled one); use harder prompts, or stop here")]
     parts, fix = _adjust(h.ctx, [
         ("learning_rate", lambda x: x * 5, "raise the learning rate (1e-5 -> 5e-5)"),
         ("kl_coef", lambda k_: k_ / 2, "lower kl_coef (0.1 -> 0.05)")])
-    return [Finding("reward_stagnation", "warning", int(steps[-w]),
-                    f"reward flat at {_g(float(win.mean()))} +- {_g(sigma)} over the last {w} logged steps "
-                    f"(steps {steps[-w]}-{steps[-1]}): trend {rise:+.3g}, gain since start {run_rise:+.3g} "
-                    f"(meaningful: {_g(tol)})",
+    return [Finding("reward_stagnation", "warning", int(steps[-w]), evidence,
                     ", ".join(parts) + "; check the reward function (does it ever give credit?), "
                     "and redo cold-start SFT if the model rarely succeeds", fix)]
 
@@ -412,9 +432,11 @@ def rule_quality_drop(h: _History, final: bool) -> list[Finding]:
         f = early_late(name)
         if f and f[0] - f[1] > max(0.1, 0.2 * abs(f[0])):
             signals.append((f[2], f"{name} {_g(f[0])} -> {_g(f[1])}"))
-    m = early_late("completions/mean_length")
+    m, t, name = early_late("completions/mean_length"), early_late("turns/mean"), "completions/mean_length"
+    if m and t and min(t[:2]) > 0:  # more turns is tool use (turn_limit watches it); verbosity is longer turns
+        m, name = (m[0] / t[0], m[1] / t[1], m[2]), name + " per turn"
     if m and m[0] > 0 and not 0.5 < m[1] / m[0] < 2.0:
-        signals.append((m[2], f"completions/mean_length {_g(m[0])} -> {_g(m[1])}"))
+        signals.append((m[2], f"{name} {_g(m[0])} -> {_g(m[1])}"))
     if not signals:
         return []
     parts, fix = _adjust(h.ctx, [("kl_coef", _kl_up(2.0), "raise kl_coef (0.05 -> 0.1)")])

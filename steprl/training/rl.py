@@ -20,7 +20,8 @@ import torch
 from steprl.config import ConfigError, GRPOConfig, PPOConfig, RolloutConfig, RunConfig
 from steprl.monitor import MetricsLogger
 from steprl.monitor.doctor import read_jsonl
-from steprl.monitor.autofix import AutoFixer, doctor_context, fixable_settings, handle_oom, restore_settings
+from steprl.monitor.autofix import (REWARD_SETTINGS, AutoFixer, doctor_context, fixable_settings, handle_oom,
+                                    restore_settings)
 from steprl.envs.tool_env import make_envs
 from steprl.rollout.episodes import Trajectory, run_episodes
 from steprl.rollout.sampling import SamplingParams
@@ -224,8 +225,12 @@ def train_rl(cfg: RunConfig, stage: str, state: RLState, rl_step, desc: str, ada
         logger.context.update(doctor_context(s))  # advice starts from the settings in force now
         findings = logger.log(metrics, state.step + 1)
         if fixer is not None:
+            reward_before = [getattr(s.reward, k) for k in REWARD_SETTINGS]
             for action in fixer.after_step(findings, metrics, state.step + 1, policy.optimizer, len(trajs), adapt_kl):
                 logger.record(action)
+            if [getattr(s.reward, k) for k in REWARD_SETTINGS] != reward_before:
+                # the doctor compares rewards only after this: the next steps' are on another scale
+                logger.log({"event": "reward_changed"}, state.step + 1)
         if samples_file is not None:
             log_samples(samples_file, policy.tokenizer, trajs, state.rng, s.n_samples_logged, state.step + 1)
         bar.update(1)
