@@ -193,7 +193,9 @@ DROPPED_BONUS = {
 def test_a_changed_reward_is_not_compared_with_the_old_one():
     ctx = {"stage": "grpo", "learning_rate": 2e-4, "kl_coef": 0.02}
     rows = [{"step": i + 1, **{k: v[i] for k, v in DROPPED_BONUS.items()}} for i in range(20)]
-    assert codes(diagnose(rows, ctx, final=True)).get("reward_collapse") == "critical"  # the misreading
+    misread = codes(diagnose(rows, ctx, final=True))
+    assert misread.get("reward_collapse") == "critical"  # the misreading ...
+    assert "reward_stagnation" not in misread  # ... but never also called flat: its trend falls
     marked = rows[:12] + [{"step": 12, "event": "reward_changed"}] + rows[12:]
     found = codes(diagnose(marked, ctx, final=True))
     assert "reward_collapse" not in found and "reward_stagnation" not in found
