@@ -238,7 +238,9 @@ def test_ppo_dropped_call_bonus_marks_the_reward_as_changed(base, tmp_path, monk
 
     monkeypatch.setattr(doctor, "RULES", [turn_limit_once])
     rows, found = ppo_run(base, tmp_path, steps=2, critic="shared")
-    assert [r["step"] for r in rows] == [1, 1, 2] and rows[1] == {"step": 1, "event": "reward_changed"}
+    assert [r["step"] for r in rows] == [1, 1, 2]
+    assert rows[1] == {"step": 1, "event": "reward_changed", "tool_success": 0.0}
     action = next(d for d in found if d["severity"] == "info")
     assert "reward.tool_success 0.1 -> 0" in action["evidence"]
-    assert doctor._History(rows, {}).get("reward")[0].tolist() == [2]
+    h = doctor._History(rows, {"tool_success": 0.1})  # post hoc: config.yaml's bonus, then the event's
+    assert h.get("reward")[0].tolist() == [2] and h.ctx["tool_success"] == 0.0

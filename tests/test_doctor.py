@@ -414,3 +414,21 @@ def test_rl_or_not_is_decided_from_the_metrics_not_the_folder_name(tmp_path, nam
     flat = make({"loss": (lambda u: 1.5, 0.02)}, seed=4)
     (flat_sft / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in flat))
     assert "loss_not_decreasing" in codes(doctor_dir(flat_sft))
+
+
+def test_calls_beyond_the_solution_while_a_call_bonus_pays():
+    """tools/calls_beyond_needed rising to 0.6 an episode: a warning that drops the bonus while one is
+    paid, info without one, quiet when the extra calls stay rare or were there from the start."""
+    over = {**GRPO, "tools/calls_beyond_needed": (lambda u: min(0.6, 1.5 * u), 0.05)}
+    f = only(diagnose(make(over, n=20), {"tool_success": 0.1}), "calls_beyond_needed")
+    assert f.severity == "warning" and f.fix == {"tool_success": 0.0} and "pay 0.1 each" in f.evidence
+    assert only(diagnose(make(over, n=20), {"tool_success": 0.0}), "calls_beyond_needed").fix is None
+    assert only(diagnose(make(over, n=20)), "calls_beyond_needed").severity == "info"
+    rare = {**GRPO, "tools/calls_beyond_needed": (lambda u: 0.1 * u, 0.03)}
+    always = {**GRPO, "tools/calls_beyond_needed": (lambda u: 0.6, 0.05)}
+    for quiet in (rare, always):
+        assert "calls_beyond_needed" not in codes(diagnose(make(quiet, n=20), {"tool_success": 0.1}))
+    # live, it fires within a few steps of the extra calls passing 0.3 an episode (step 4 of 20 here)
+    live = [codes(diagnose(make(over, n=20)[:i], {"tool_success": 0.1})) for i in range(4, 21)]
+    first = next(i for i, c in zip(range(4, 21), live) if "calls_beyond_needed" in c)
+    assert 5 <= first <= 8

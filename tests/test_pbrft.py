@@ -232,6 +232,22 @@ def test_eval_gives_accuracy_and_calls_by_operations():
                   "3+": {"accuracy": 1.0, "n": 1, "tool_calls_per_episode": 3.0}}
 
 
+def test_episode_metrics_count_calls_beyond_the_solution():
+    """By hand: calls 3, 2, 3 on problems of 2, 2 and 3 operations -> (1 + 0 + 0) / 3 beyond the
+    solutions; an episode with fewer calls than needed counts 0, not -1; no task, no metric."""
+    from steprl.rollout.episodes import Trajectory
+    from steprl.training.rl import episode_metrics
+
+    task = CalcTask(min_ops=2, max_ops=3, one_call_per_op=True, cumulative=True)
+    two = [p for p in task.problems("train", 40) if p.meta["n_steps"] == 2][:2]
+    three = next(p for p in task.problems("train", 40) if p.meta["n_steps"] == 3)
+    trajs = [Trajectory(p, [1], turn_rewards=[0.0], n_tool_calls=c) for p, c in zip(two + [three], [3, 2, 3])]
+    assert episode_metrics(trajs, 3, task)["tools/calls_beyond_needed"] == pytest.approx(1 / 3)
+    trajs[0].n_tool_calls = 0
+    assert episode_metrics(trajs, 3, task)["tools/calls_beyond_needed"] == 0.0
+    assert "tools/calls_beyond_needed" not in episode_metrics(trajs, 3)
+
+
 def test_gsm8k_calls_needed_counts_the_annotations():
     from steprl.tasks.gsm8k import Gsm8kTask
 

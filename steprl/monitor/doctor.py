@@ -95,8 +95,10 @@ class _History:
         self.raw = [e for e in history if isinstance(e, dict)]
         self.ctx = dict(context)
         self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self.reward_since = max((int(_num(e.get("step")) or 0) for e in self.raw
-                                 if e.get("event") == "reward_changed"), default=None)
+        changes = [e for e in self.raw if e.get("event") == "reward_changed"]
+        self.reward_since = int(_num(changes[-1].get("step")) or 0) if changes else None
+        for e in changes:  # the reward settings in force now: what the last change set
+            self.ctx.update({k: v for k, v in e.items() if k not in ("step", "event")})
         # no config value: fall back to the logged ones (peak lr of the schedule, current kl_coef)
         for key, pick in (("learning_rate", np.max), ("kl_coef", lambda v: v[-1])):
             vals = self.get(key)[1]
@@ -588,6 +590,35 @@ def rule_tool_use_collapse(h: _History, final: bool) -> list[Finding]:
                     + ", redo cold-start SFT on tool trajectories", fix)]
 
 
+def rule_calls_beyond_needed(h: _History, final: bool) -> list[Finding]:
+    """Episodes come to make more tool calls than the problem's worked solution
+    (tools/calls_beyond_needed: at least 0.3 an episode, up 0.2 or more since the start and beyond
+    its noise). While a per-call bonus pays, that is the bonus being learned for its own sake: it is
+    not potential-based shaping (Ng et al., 1999), so it changes which policy is best. The fix
+    turns it off; it catches what turn_limit catches, steps earlier (docs/experiments.md, "The
+    doctor on the experiments' runs"). Without a bonus, extra calls may be checks: info only."""
+    steps, c = h.get("tools/calls_beyond_needed")
+    n = len(c)
+    if n < 4:
+        return []
+    k = max(2, min(5, n // 4))
+    start, now = float(c[:k].mean()), float(c[-k:].mean())
+    if now < 0.3 or now - start < max(0.2, 2 * _noise(c) * math.sqrt(2 / k)):
+        return []
+    since = int(steps[n - _tail_run(c >= 0.3)]) if c[-1] >= 0.3 else int(steps[-k])
+    bonus = _num(h.ctx.get("tool_success"))
+    paid = bonus is not None and bonus > 0
+    evidence = (f"tools/calls_beyond_needed {_g(start)} -> {_g(now)} (mean of the first and last {k} logged "
+                f"steps): episodes make calls their problem's solution does not")
+    if not paid:
+        return [Finding("calls_beyond_needed", "info", since, evidence,
+                        "read the samples: extra calls that check a result are fine, calls that wander are not")]
+    return [Finding("calls_beyond_needed", "warning", since, evidence + f", while calls pay {_g(bonus)} each",
+                    "the per-call reward is being learned for its own sake (it changes which policy is best): "
+                    "drop it (reward.tool_success 0); paying only the needed calls did not stop it on the "
+                    "credit task", {"tool_success": 0.0})]
+
+
 def rule_turn_limit(h: _History, final: bool) -> list[Finding]:
     """Episodes come to run to `max_turns` while fewer of them answer: the policy calls tools
     instead of finishing. A task that needs every turn keeps answering, and stays quiet here.
@@ -620,7 +651,8 @@ def rule_turn_limit(h: _History, final: bool) -> list[Finding]:
 
 RULES = [rule_nan_loss, rule_out_of_memory, rule_kl_explosion, rule_kl_too_low, rule_sampler_mismatch,
          rule_reward_stagnation, rule_reward_collapse, rule_quality_drop, rule_loss_not_decreasing,
-         rule_overfitting, rule_zero_variance_groups, rule_entropy_collapse, rule_tool_use_collapse, rule_turn_limit]
+         rule_overfitting, rule_zero_variance_groups, rule_entropy_collapse, rule_tool_use_collapse, rule_turn_limit,
+         rule_calls_beyond_needed]
 
 
 def diagnose(history: list[dict], context: dict | None = None, final: bool = False) -> list[Finding]:

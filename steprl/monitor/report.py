@@ -25,7 +25,7 @@ PLOTS = [
     ("entropy", "Entropy", ["entropy"], {}),
     ("length", "Completion length", ["completions/mean_length", "completions/min_length",
                                      "completions/max_length"], {}),
-    ("tools", "Tool use", ["tools/call_frequency", "tools/failure_frequency"], {}),
+    ("tools", "Tool use", ["tools/call_frequency", "tools/failure_frequency", "tools/calls_beyond_needed"], {}),
     ("loss", "Loss", ["loss", "eval/loss"], {"no_rl": True}),
 ]
 # which plots a finding is drawn on (nan/oom: all of them)
@@ -33,7 +33,7 @@ CODE_PLOTS = {"kl_explosion": {"kl"}, "kl_too_low": {"kl"}, "reward_stagnation":
               "reward_collapse": {"reward"}, "zero_variance_groups": {"reward"},
               "quality_drop": {"accuracy", "length", "reward"}, "entropy_collapse": {"entropy"},
               "loss_not_decreasing": {"loss"}, "overfitting": {"loss", "accuracy"},
-              "tool_use_collapse": {"tools"}}
+              "tool_use_collapse": {"tools"}, "turn_limit": {"tools"}, "calls_beyond_needed": {"tools"}}
 SEV_COLOR = {"info": "#1f77b4", "warning": "#ff7f0e", "critical": "#d62728"}
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1250px;color:#222;padding:0 1em}

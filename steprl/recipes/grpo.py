@@ -128,7 +128,7 @@ def grpo_step(state: RLState) -> tuple[dict, list[Trajectory]]:
             optimizer.zero_grad(set_to_none=True)
 
     metrics = {
-        **episode_metrics(trajs, g.num_generations),
+        **episode_metrics(trajs, g.num_generations, state.task),
         **{k: sum(v) / len(v) for k, v in stats.items() if v},
         **reward_metrics,
         "rollout_time": rollout_seconds,

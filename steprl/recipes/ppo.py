@@ -209,7 +209,7 @@ def ppo_step(state: RLState) -> tuple[dict, list[Trajectory]]:
 
     kl = float(masked_mean(kl_penalty(old_logp, ref_logp, p.kl_estimator), mask)) if ref_logp is not None else 0.0
     metrics = {
-        **episode_metrics(trajs, p.num_generations),
+        **episode_metrics(trajs, p.num_generations, state.task),
         "kl": kl,
         **{k: sum(v) / len(v) for k, v in stats.items() if v},
         "explained_variance": explained_variance(old_values, returns, mask),

@@ -88,14 +88,20 @@ def rollout(state: RLState, prompts: list) -> list[Trajectory]:
     return trajs
 
 
-def episode_metrics(trajs: list[Trajectory], group_size: int) -> dict:
+def episode_metrics(trajs: list[Trajectory], group_size: int, task=None) -> dict:
     """The BRIEF's episode metrics, the same for grpo and ppo: reward, accuracy, lengths, turns and
-    tool use. Consecutive blocks of group_size share a prompt; with 1 (PPO) the batch is one group."""
+    tool use. Consecutive blocks of group_size share a prompt; with 1 (PPO) the batch is one group.
+    With a task whose problems have worked solutions, also tools/calls_beyond_needed: the mean of
+    max(0, calls - the solution's calls) per episode."""
     rewards = torch.tensor([t.reward for t in trajs])
     groups = rewards.view(-1, group_size) if group_size > 1 else rewards.view(1, -1)
     group_std = groups.std(dim=1).nan_to_num(0.0)  # NaN for a group of one
     n, n_calls = len(trajs), sum(t.n_tool_calls for t in trajs)
+    needed = [task.calls_needed(t.problem) for t in trajs] if task is not None else [None]
+    beyond = ({"tools/calls_beyond_needed": sum(max(0, t.n_tool_calls - k) for t, k in zip(trajs, needed)) / n}
+              if None not in needed else {})
     return {
+        **beyond,
         "reward": rewards.mean().item(),
         "reward_std": group_std.mean().item(),
         "accuracy": sum(t.correct for t in trajs) / n,
@@ -229,8 +235,10 @@ def train_rl(cfg: RunConfig, stage: str, state: RLState, rl_step, desc: str, ada
             for action in fixer.after_step(findings, metrics, state.step + 1, policy.optimizer, len(trajs), adapt_kl):
                 logger.record(action)
             if [getattr(s.reward, k) for k in REWARD_SETTINGS] != reward_before:
-                # the doctor compares rewards only after this: the next steps' are on another scale
-                logger.log({"event": "reward_changed"}, state.step + 1)
+                # the doctor compares rewards only after this (the next steps' are on another scale)
+                # and reads the new settings from it, post hoc too
+                logger.log({"event": "reward_changed", **{k: getattr(s.reward, k) for k in REWARD_SETTINGS}},
+                           state.step + 1)
         if samples_file is not None:
             log_samples(samples_file, policy.tokenizer, trajs, state.rng, s.n_samples_logged, state.step + 1)
         bar.update(1)
