@@ -228,9 +228,9 @@ def test_ppo_oom_halves_the_micro_batch_and_retries(base, tmp_path, monkeypatch)
     assert "micro_batch_size 4 -> 2" in action["evidence"] and "num_generations" not in action["evidence"]
 
 
-def test_ppo_dropped_call_bonus_marks_the_reward_as_changed(base, tmp_path, monkeypatch):
-    """When auto-fix changes the reward (turn_limit's fix drops the call bonus), the trainer logs a
-    "reward_changed" event at that step, so the doctor never compares the new rewards with the old."""
+def test_ppo_dropped_call_bonus_marks_the_step_where_the_reward_changed(base, tmp_path, monkeypatch):
+    """When auto-fix changes the reward (turn_limit's fix drops the call bonus), the trainer marks
+    that step's entry, so the doctor never compares the new rewards with the old."""
     from steprl.monitor import doctor
 
     def turn_limit_once(h, final):
@@ -238,8 +238,9 @@ def test_ppo_dropped_call_bonus_marks_the_reward_as_changed(base, tmp_path, monk
 
     monkeypatch.setattr(doctor, "RULES", [turn_limit_once])
     rows, found = ppo_run(base, tmp_path, steps=2, critic="shared")
-    assert [r["step"] for r in rows] == [1, 1, 2]
-    assert rows[1] == {"step": 1, "event": "reward_changed", "tool_success": 0.0}
+    assert [r["step"] for r in rows] == [1, 2]  # one entry per step
+    assert rows[0]["reward_changed"] == {"tool_success": 0.0} and "reward" in rows[0]
+    assert "reward_changed" not in rows[1]
     action = next(d for d in found if d["severity"] == "info")
     assert "reward.tool_success 0.1 -> 0" in action["evidence"]
     h = doctor._History(rows, {"tool_success": 0.1})  # post hoc: config.yaml's bonus, then the event's

@@ -10,8 +10,8 @@ machine-applicable `fix` dict lets an auto-fix loop act on it.
 
 Rules must stay quiet on healthy runs: every judgement compares a change against the series' own
 noise (estimated from step-to-step differences) and asks for a sustained pattern, never one blip.
-Rewards are compared only on one scale: after a change of the reward mid-run (the trainer's event
-"reward_changed") the reward's series start again.
+Rewards are compared only on one scale: after a change of the reward mid-run (the trainer's
+"reward_changed" on a step) the reward's series start again.
 """
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ KL_SPIKE = 2.5  # one logged step at 5x the critical line is an explosion on its
 INT_KEYS = {"num_generations", "per_device_batch_size", "max_new_tokens", "num_epochs"}
 RL_STAGES = {"grpo", "ppo", "rl"}
 RL_METRICS = ("reward", "reward_std", "kl")  # logged by RL stages only
-# series on the reward's scale: a change of the reward (event "reward_changed", logged when auto-fix
-# drops the call bonus) makes the steps before it incomparable with the steps after
+# series on the reward's scale: a change of the reward ("reward_changed": {"tool_success": 0.0} on the
+# step after which auto-fix dropped the call bonus) makes the steps before it incomparable with the
+# steps after
 REWARD_SCALED = ("reward", "reward_std", "frac_reward_zero_std")
 # sampled accuracy from which a flat reward is a plateau near the ceiling, not a run that fails to learn
 NEAR_CEILING = 0.8
@@ -95,10 +96,10 @@ class _History:
         self.raw = [e for e in history if isinstance(e, dict)]
         self.ctx = dict(context)
         self._cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        changes = [e for e in self.raw if e.get("event") == "reward_changed"]
+        changes = [e for e in self.raw if isinstance(e.get("reward_changed"), dict)]
         self.reward_since = int(_num(changes[-1].get("step")) or 0) if changes else None
         for e in changes:  # the reward settings in force now: what the last change set
-            self.ctx.update({k: v for k, v in e.items() if k not in ("step", "event")})
+            self.ctx.update(e["reward_changed"])
         # no config value: fall back to the logged ones (peak lr of the schedule, current kl_coef)
         for key, pick in (("learning_rate", np.max), ("kl_coef", lambda v: v[-1])):
             vals = self.get(key)[1]

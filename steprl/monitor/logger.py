@@ -113,6 +113,15 @@ class MetricsLogger:
             self._write_sink(name, scalars, int(step))
         return self._doctor(entry) if self.live_doctor else []
 
+    def amend(self, extra: dict) -> None:
+        """Add keys to the last logged step's entry, for what happened after it was written (auto-fix
+        changing the reward): metrics.jsonl keeps one entry per step. The sinks are not told."""
+        if not self.history:
+            return
+        self.history[-1].update(extra)
+        if self.write:
+            self._rewrite(self.path, self.history)
+
     def _doctor(self, entry: dict) -> list[Finding]:
         # Bound the cost on long runs: diagnose every log while short, then every ~1% of the
         # history, but always at once on an event or a non-finite value.

@@ -235,10 +235,9 @@ def train_rl(cfg: RunConfig, stage: str, state: RLState, rl_step, desc: str, ada
             for action in fixer.after_step(findings, metrics, state.step + 1, policy.optimizer, len(trajs), adapt_kl):
                 logger.record(action)
             if [getattr(s.reward, k) for k in REWARD_SETTINGS] != reward_before:
-                # the doctor compares rewards only after this (the next steps' are on another scale)
-                # and reads the new settings from it, post hoc too
-                logger.log({"event": "reward_changed", **{k: getattr(s.reward, k) for k in REWARD_SETTINGS}},
-                           state.step + 1)
+                # the doctor compares rewards only after this step (the next ones are on another
+                # scale) and reads the new settings from it, post hoc too
+                logger.amend({"reward_changed": {k: getattr(s.reward, k) for k in REWARD_SETTINGS}})
         if samples_file is not None:
             log_samples(samples_file, policy.tokenizer, trajs, state.rng, s.n_samples_logged, state.step + 1)
         bar.update(1)
