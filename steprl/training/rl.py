@@ -97,9 +97,9 @@ def episode_metrics(trajs: list[Trajectory], group_size: int, task=None) -> dict
     groups = rewards.view(-1, group_size) if group_size > 1 else rewards.view(1, -1)
     group_std = groups.std(dim=1).nan_to_num(0.0)  # NaN for a group of one
     n, n_calls = len(trajs), sum(t.n_tool_calls for t in trajs)
-    needed = [task.calls_needed(t.problem) for t in trajs] if task is not None else [None]
+    needed = [task.calls_needed(t.problem) for t in trajs] if task is not None else []
     beyond = ({"tools/calls_beyond_needed": sum(max(0, t.n_tool_calls - k) for t, k in zip(trajs, needed)) / n}
-              if None not in needed else {})
+              if needed and None not in needed else {})
     return {
         **beyond,
         "reward": rewards.mean().item(),
@@ -231,13 +231,14 @@ def train_rl(cfg: RunConfig, stage: str, state: RLState, rl_step, desc: str, ada
         logger.context.update(doctor_context(s))  # advice starts from the settings in force now
         findings = logger.log(metrics, state.step + 1)
         if fixer is not None:
-            reward_before = [getattr(s.reward, k) for k in REWARD_SETTINGS]
+            reward_before = {k: getattr(s.reward, k) for k in REWARD_SETTINGS}
             for action in fixer.after_step(findings, metrics, state.step + 1, policy.optimizer, len(trajs), adapt_kl):
                 logger.record(action)
-            if [getattr(s.reward, k) for k in REWARD_SETTINGS] != reward_before:
+            reward_now = {k: getattr(s.reward, k) for k in REWARD_SETTINGS}
+            if reward_now != reward_before:
                 # the doctor compares rewards only after this step (the next ones are on another
                 # scale) and reads the new settings from it, post hoc too
-                logger.amend({"reward_changed": {k: getattr(s.reward, k) for k in REWARD_SETTINGS}})
+                logger.amend({"reward_changed": reward_now})
         if samples_file is not None:
             log_samples(samples_file, policy.tokenizer, trajs, state.rng, s.n_samples_logged, state.step + 1)
         bar.update(1)
