@@ -243,5 +243,5 @@ def test_ppo_dropped_call_bonus_marks_the_step_where_the_reward_changed(base, tm
     assert "reward_changed" not in rows[1]
     action = next(d for d in found if d["severity"] == "info")
     assert "reward.tool_success 0.1 -> 0" in action["evidence"]
-    h = doctor._History(rows, {"tool_success": 0.1})  # post hoc: config.yaml's bonus, then the event's
+    h = doctor.History(rows, {"tool_success": 0.1})  # post hoc: config.yaml's bonus, then the event's
     assert h.get("reward")[0].tolist() == [2] and h.ctx["tool_success"] == 0.0

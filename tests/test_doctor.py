@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from steprl.monitor import Finding, MetricsLogger, diagnose, doctor_dir
-from steprl.monitor.doctor import _History, main_doctor
+from steprl.monitor.doctor import History, main_doctor
 
 # key -> (curve over u in [0, 1], noise sd). Values are clamped at 0 (all these metrics are >= 0).
 GRPO = {
@@ -200,7 +200,7 @@ def test_a_changed_reward_is_not_compared_with_the_old_one():
     found = codes(diagnose(marked, ctx, final=True))
     assert "reward_collapse" not in found and "reward_stagnation" not in found
     # only the reward's own series are cut: the steps after the change still count for accuracy
-    h = _History(marked, ctx)
+    h = History(marked, ctx)
     assert list(h.get("reward")[0]) == list(range(13, 21)) and len(h.get("accuracy")[0]) == 20
     # a real fall after the change is still seen
     fall = [{"step": s, "reward": 0.5 if s <= 22 else 0.05, "reward_std": 0.3, "accuracy": 0.3 if s <= 22 else 0.05}
